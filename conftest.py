@@ -1,0 +1,21 @@
+"""Project-wide pytest options: slow accuracy cases run only with --runslow."""
+
+import os
+
+import pytest
+
+# Notebooks and tests draw with Matplotlib's non-interactive back end.
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip_slow = pytest.mark.skip(reason="slow: run with --runslow (make test-all)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)

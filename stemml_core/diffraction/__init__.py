@@ -1,0 +1,1 @@
+"""4D-STEM analyses: Bragg-disk detection, lattice fits, strain, fields."""

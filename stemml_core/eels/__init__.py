@@ -1,0 +1,1 @@
+"""Low-loss EELS analyses: ZLP removal, thickness, band gap, dielectric function, features."""
