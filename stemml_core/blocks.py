@@ -1,0 +1,131 @@
+"""Apply a batched array function to every pixel of a signal, eager or lazy.
+
+HyperSpy's ``map`` calls a function once per navigation position; the array
+functions of stemml are batched (they take many spectra or patterns at once),
+so they are applied to blocks of pixels instead:
+
+- an in-memory signal is processed in blocks of ``block_pixels`` pixels with a
+  progress bar, bounding the memory of the intermediate results;
+- a lazy (dask-backed) signal gives a lazy result, one dask task per block of
+  navigation chunks, which runs on whatever dask scheduler is active
+  (threads, or a ``dask.distributed`` client).
+
+The output keeps the input's navigation axes (names, units, scale, offset).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import dask.array as da
+import hyperspy.api as hs
+import numpy as np
+from hyperspy.signal import BaseSignal
+from tqdm.auto import tqdm
+
+__all__ = ["map_pixels"]
+
+
+def _navigation_signal(data, source: BaseSignal, signal_axes: Sequence[dict], lazy: bool) -> BaseSignal:
+    """A signal with ``source``'s navigation axes followed by ``signal_axes``."""
+    nav_axes = [axis.get_axis_dictionary() for axis in source.axes_manager.navigation_axes]
+    # HyperSpy lists axes in array order: navigation (slowest first) then signal.
+    axes = nav_axes[::-1] + list(signal_axes)
+    for index, axis in enumerate(axes):
+        axis["navigate"] = index < len(nav_axes)
+    n_signal = len(signal_axes)
+    cls = {0: hs.signals.BaseSignal, 1: hs.signals.Signal1D, 2: hs.signals.Signal2D}[n_signal]
+    out = cls(data, axes=axes)
+    if n_signal == 0:
+        out = out.transpose(signal_axes=0) if len(nav_axes) else out
+    if lazy and not out._lazy:
+        out = out.as_lazy()
+    return out
+
+
+def map_pixels(
+    signal: BaseSignal,
+    func: Callable[..., np.ndarray],
+    *,
+    output_shape: tuple[int, ...] = (),
+    output_axes: Sequence[dict] | None = None,
+    dtype=np.float64,
+    block_pixels: int = 4096,
+    progress: bool = True,
+    description: str | None = None,
+    **kwargs,
+) -> BaseSignal:
+    """Apply ``func`` to blocks of pixels of ``signal``.
+
+    Parameters
+    ----------
+    signal : hyperspy.signal.BaseSignal
+        Input with navigation shape ``nav`` (any number of navigation axes,
+        possibly none) and signal shape ``sig``; eager or lazy.
+    func : callable
+        ``func(block, **kwargs)`` with ``block`` of shape ``(n, *sig)`` (float64)
+        returning an array of shape ``(n, *output_shape)``. It must not depend on
+        which pixels are in a block.
+    output_shape : tuple of int
+        Per-pixel shape of ``func``'s output; ``()`` for a scalar map.
+    output_axes : sequence of dict, optional
+        HyperSpy axis dictionaries (``size``, ``name``, ``units``, ``scale``,
+        ``offset``) for the output's signal axes, in array order; default plain
+        index axes.
+    dtype : numpy dtype
+        Output dtype.
+    block_pixels : int
+        Pixels per block for in-memory input (memory bound).
+    progress : bool
+        Show a progress bar for in-memory input.
+    description : str, optional
+        Progress-bar label.
+    **kwargs
+        Passed to ``func``.
+
+    Returns
+    -------
+    hyperspy.signal.BaseSignal
+        ``nav`` navigation axes copied from ``signal`` plus the output signal
+        axes; lazy when ``signal`` is lazy.
+    """
+    am = signal.axes_manager
+    nav_shape = tuple(am.navigation_shape[::-1])
+    sig_shape = tuple(am.signal_shape[::-1])
+    output_shape = tuple(output_shape)
+    if output_axes is None:
+        output_axes = [{"size": size} for size in output_shape]
+    if [axis["size"] for axis in output_axes] != list(output_shape):
+        raise ValueError(f"output_axes sizes {[a['size'] for a in output_axes]} differ from output_shape {output_shape}")
+    n_sig = len(sig_shape)
+
+    def run(block: np.ndarray) -> np.ndarray:
+        flat = np.asarray(block, dtype=np.float64).reshape(-1, *sig_shape)
+        result = np.asarray(func(flat, **kwargs), dtype=dtype)
+        if result.shape != (flat.shape[0], *output_shape):
+            raise ValueError(
+                f"{getattr(func, '__name__', 'func')} returned shape {result.shape}; "
+                f"expected {(flat.shape[0], *output_shape)}"
+            )
+        return result.reshape(block.shape[: block.ndim - n_sig] + output_shape)
+
+    if signal._lazy:
+        data = signal.data
+        data = data.rechunk({axis: -1 for axis in range(len(nav_shape), data.ndim)})
+        sig_axes = tuple(range(len(nav_shape), data.ndim))
+        new = tuple(range(len(nav_shape), len(nav_shape) + len(output_shape)))
+        if len(sig_axes) == len(output_shape):
+            result = da.map_blocks(run, data, dtype=dtype,
+                                   chunks=data.chunks[: len(nav_shape)] + tuple((n,) for n in output_shape))
+        else:
+            result = da.map_blocks(run, data, dtype=dtype, drop_axis=sig_axes, new_axis=new or None,
+                                   chunks=data.chunks[: len(nav_shape)] + tuple((n,) for n in output_shape))
+        return _navigation_signal(result, signal, output_axes, lazy=True)
+
+    data = np.asarray(signal.data)
+    flat = data.reshape(-1, *sig_shape)
+    out = np.empty((flat.shape[0], *output_shape), dtype=dtype)
+    starts = range(0, flat.shape[0], block_pixels)
+    for start in tqdm(starts, desc=description, disable=not progress or len(starts) < 2, leave=False):
+        out[start:start + block_pixels] = run(flat[start:start + block_pixels])
+    return _navigation_signal(out.reshape(nav_shape + output_shape), signal, output_axes, lazy=False)

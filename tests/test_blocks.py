@@ -1,0 +1,78 @@
+"""map_pixels: the same numbers eager, lazy and on a dask.distributed cluster; axes kept."""
+
+import hyperspy.api as hs
+import numpy as np
+import pytest
+
+from stemml_core.blocks import map_pixels
+
+
+def _si(nav=(5, 7), n=30):
+    s = hs.signals.Signal1D(np.random.default_rng(1).normal(size=(*nav, n)))
+    for axis, name in zip(s.axes_manager.navigation_axes, ("x", "y")):
+        axis.name, axis.units, axis.scale, axis.offset = name, "nm", 0.5, 3.0
+    energy = s.axes_manager.signal_axes[0]
+    energy.name, energy.units, energy.scale = "Energy loss", "eV", 0.1
+    return s
+
+
+def total(block, factor=1.0):
+    return factor * block.sum(axis=1)
+
+
+def moments(block):
+    return np.stack([block.mean(axis=1), block.std(axis=1)], axis=1)
+
+
+def doubled(block):
+    return 2 * block
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_scalar_map_keeps_navigation_axes(lazy):
+    s = _si()
+    source = s.as_lazy() if lazy else s
+    out = map_pixels(source, total, factor=2.0, block_pixels=4, progress=False)
+    assert out._lazy == lazy
+    if lazy:
+        out.compute()
+    np.testing.assert_allclose(out.data, 2 * s.data.sum(axis=-1))
+    assert out.axes_manager.signal_dimension == 0
+    assert [(a.name, a.units, a.scale, a.offset) for a in out.axes_manager.navigation_axes] == \
+        [("x", "nm", 0.5, 3.0), ("y", "nm", 0.5, 3.0)]
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_vector_and_spectrum_outputs(lazy):
+    s = _si()
+    source = s.as_lazy() if lazy else s
+    out = map_pixels(source, moments, output_shape=(2,), block_pixels=3, progress=False)
+    np.testing.assert_allclose(np.asarray(out.data), np.stack([s.data.mean(-1), s.data.std(-1)], -1))
+    energy = s.axes_manager.signal_axes[0].get_axis_dictionary()
+    spectra = map_pixels(source, doubled, output_shape=(30,), output_axes=[energy], progress=False)
+    np.testing.assert_allclose(np.asarray(spectra.data), 2 * s.data)
+    assert spectra.axes_manager.signal_axes[0].units == "eV"
+
+
+def test_single_spectrum():
+    s = _si().inav[0, 0]
+    out = map_pixels(s, total, progress=False)
+    np.testing.assert_allclose(out.data, s.data.sum())
+
+
+def test_wrong_output_shape_is_reported():
+    with pytest.raises(ValueError, match=r"moments returned shape \(35, 2\); expected \(35, 3\)"):
+        map_pixels(_si(), moments, output_shape=(3,), progress=False)
+
+
+def test_distributed_cluster_gives_identical_numbers():
+    distributed = pytest.importorskip("distributed")
+    s = _si(nav=(8, 6))
+    expected = map_pixels(s, moments, output_shape=(2,), progress=False).data
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster):
+        lazy = s.as_lazy()
+        lazy.data = lazy.data.rechunk((4, 3, -1))
+        out = map_pixels(lazy, moments, output_shape=(2,))
+        out.compute()
+    np.testing.assert_array_equal(out.data, expected)
