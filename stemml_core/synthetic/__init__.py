@@ -4,3 +4,17 @@ Every generator returns ``(signal, truth)`` and never imports the analyses of
 :mod:`stemml_core.eels` or :mod:`stemml_core.diffraction`: the truth is made
 independently of the estimators it tests.
 """
+
+from stemml_core.synthetic.diffraction import LayerStrain, StrainTruth, simulate_4dstem, strained_flake
+from stemml_core.synthetic.lowloss import LowLossTruth, flake_sample, simulate_lowloss, single_spectrum
+
+__all__ = [
+    "LayerStrain",
+    "LowLossTruth",
+    "StrainTruth",
+    "flake_sample",
+    "simulate_4dstem",
+    "simulate_lowloss",
+    "single_spectrum",
+    "strained_flake",
+]
