@@ -1,11 +1,6 @@
 """Project-wide pytest options: slow accuracy cases run only with --runslow."""
 
-import os
-
 import pytest
-
-# Notebooks and tests draw with Matplotlib's non-interactive back end.
-os.environ.setdefault("MPLBACKEND", "Agg")
 
 
 def pytest_addoption(parser):

@@ -21,7 +21,7 @@ import dask.array as da
 import hyperspy.api as hs
 import numpy as np
 from hyperspy.signal import BaseSignal
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: no widget JavaScript in notebooks and the offline book
 
 __all__ = ["map_pixels"]
 

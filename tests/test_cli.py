@@ -41,7 +41,7 @@ def test_run_on_a_users_file(user_files, tmp_path):
                      "-p", "diffraction_path", str(user_files["dp"]), "-p", "bright_field_radius", "0.8", "--quiet")
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == [
-        "getting_started.ipynb", "summary.json", "total_counts.hspy", "virtual_bright_field.hspy"]
+        "getting_started.ipynb", "inelastic_counts.hspy", "summary.json", "virtual_bright_field.hspy"]
     import json
 
     summary = json.loads((out / "summary.json").read_text())
