@@ -1,1 +1,51 @@
-"""4D-STEM analyses: Bragg-disk detection, lattice fits, strain, fields."""
+"""4D-STEM analyses: Bragg-disk detection, lattice fits, strain, fields.
+
+- :mod:`~stemml_core.diffraction.disks`: direct beam, descan, probe template, disk detection;
+- :mod:`~stemml_core.diffraction.lattice`: primitive basis, indexing, batched basis fits;
+- :mod:`~stemml_core.diffraction.strain`: strain and rotation maps of a HyperSpy signal.
+"""
+
+from stemml_core.diffraction.disks import (
+    DirectBeam,
+    Disks,
+    cross_correlate,
+    direct_beam,
+    disk_radius,
+    find_disks,
+    fit_descan,
+    probe_template,
+    refine_disks,
+    template_shape,
+)
+from stemml_core.diffraction.lattice import (
+    FitStatus,
+    LatticeFit,
+    fit_basis,
+    index_vectors,
+    lattice_basis,
+    reduce_basis,
+)
+from stemml_core.diffraction.strain import StrainResult, plot_strain, strain_components, strain_map
+
+__all__ = [
+    "DirectBeam",
+    "Disks",
+    "FitStatus",
+    "LatticeFit",
+    "StrainResult",
+    "cross_correlate",
+    "direct_beam",
+    "disk_radius",
+    "find_disks",
+    "fit_basis",
+    "fit_descan",
+    "index_vectors",
+    "lattice_basis",
+    "plot_strain",
+    "probe_template",
+    "reduce_basis",
+    "refine_disks",
+    "strain_components",
+    "strain_map",
+    "template_shape",
+]

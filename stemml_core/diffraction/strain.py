@@ -1,0 +1,536 @@
+"""Strain and rotation maps from nanobeam 4D-STEM: signal → origins → disks → basis → strain.
+
+Conventions (those of :mod:`stemml_core.synthetic.diffraction`, which the tests check every
+component against):
+
+- **Frames.** The scan frame has x along the fast scan axis (columns) and y along the rows,
+  ``(x, y, beam)`` right-handed when the scan is displayed with ``imshow`` as seen looking down
+  the beam. Vectors and tensors are in ``(x, y)`` component order; detector positions are
+  ``(row, col)`` px. A reciprocal vector ``g`` of the scan frame appears on the detector at
+  ``k_det = R(scan_rotation) g``, ``R(phi) = [[cos phi, sin phi], [-sin phi, cos phi]]``
+  (counter-clockwise); the analysis undoes it with the ``scan_rotation`` it is given. Each
+  detector axis uses its own calibration (non-square pixels).
+- **Bases.** ``G = [g1 g2]`` holds the reciprocal basis vectors as columns, 1/nm, no factor
+  2 pi. The deformation relative to the reference basis ``G0`` is ``F = (G0 G^-1)^T`` (from
+  ``G = F^-T G0``).
+- **Strain** ``eps = sym(F) - I``: ``exx = F[0, 0] - 1``, ``eyy = F[1, 1] - 1``,
+  ``exy = (F[0, 1] + F[1, 0]) / 2``; dimensionless (0.01 = 1 %), tensile positive, ``exy`` the
+  tensor shear (half the engineering shear).
+- **Rotation** ``theta = (F[0, 1] - F[1, 0]) / 2``, radians, counter-clockwise looking down the
+  beam (counter-clockwise on the ``imshow`` display), in the scan frame.
+- **Reference.** ``G0`` is the element-wise median of the fitted bases over a reference region
+  (all fitted patterns by default), or a basis given by the caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import hyperspy.api as hs
+import numpy as np
+from hyperspy.signal import BaseSignal
+from tqdm import tqdm  # text bars: no widget JavaScript in notebooks and the offline book
+
+from stemml_core.blocks import map_pixels
+from stemml_core.diffraction.disks import direct_beam, disk_radius, find_disks, fit_descan, probe_template
+from stemml_core.diffraction.lattice import FitStatus, fit_basis, index_vectors, lattice_basis
+from stemml_core.io import InputError, load_4dstem
+
+__all__ = ["StrainResult", "plot_strain", "strain_components", "strain_map"]
+
+_SAMPLE_SIDE = 16
+"""The global steps (disk radius, template, lattice) read a grid of at most 16 x 16 patterns."""
+
+_N_OUTPUTS = 9  # per pattern: G (4), origin (2), residual, n_disks, status
+
+
+def _rotation(angle_deg: float) -> np.ndarray:
+    """``R(phi)`` of the module docstring, counter-clockwise looking down the beam."""
+    c, s = np.cos(np.deg2rad(angle_deg)), np.sin(np.deg2rad(angle_deg))
+    return np.array([[c, s], [-s, c]])
+
+
+def strain_components(basis, reference_basis) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Strain and rotation of reciprocal bases relative to a reference basis.
+
+    Parameters
+    ----------
+    basis : array_like
+        ``(..., 2, 2)`` bases, columns ``g1``, ``g2`` in ``(kx, ky)`` of the scan frame, 1/nm.
+    reference_basis : array_like
+        ``(2, 2)`` basis of the unstrained reference, same convention and indexing.
+
+    Returns
+    -------
+    exx, eyy, exy : numpy.ndarray
+        ``(...)`` strain, dimensionless (0.01 = 1 %), tensile positive, ``exy`` the tensor shear.
+    theta : numpy.ndarray
+        ``(...)`` rotation, rad, counter-clockwise looking down the beam.
+
+    Notes
+    -----
+    ``F = (G0 G^-1)^T``, ``eps = sym(F) - I``, ``theta = (F[0, 1] - F[1, 0]) / 2`` (see the
+    module docstring). The result does not depend on which primitive basis indexes the disks
+    as long as ``basis`` and ``reference_basis`` use the same one.
+
+    Examples
+    --------
+    >>> from stemml_core.synthetic.diffraction import hexagonal_reciprocal_basis
+    >>> g0 = hexagonal_reciprocal_basis(0.316)
+    >>> stretched = np.linalg.inv(np.diag([1.01, 1.0])).T @ g0  # G = F^-T G0, exx = 1 %
+    >>> [round(float(c), 6) + 0.0 for c in strain_components(stretched, g0)]
+    [0.01, 0.0, 0.0, 0.0]
+    """
+    basis = np.asarray(basis, dtype=float)
+    deformation = np.swapaxes(np.asarray(reference_basis, dtype=float) @ np.linalg.inv(basis), -1, -2)
+    exx = deformation[..., 0, 0] - 1
+    eyy = deformation[..., 1, 1] - 1
+    exy = (deformation[..., 0, 1] + deformation[..., 1, 0]) / 2
+    theta = (deformation[..., 0, 1] - deformation[..., 1, 0]) / 2
+    return exx, eyy, exy, theta
+
+
+def _fit_block(
+    patterns,
+    *,
+    template,
+    approximate_basis,
+    pixel_size,
+    scan_rotation,
+    min_snr,
+    min_relative,
+    index_tolerance,
+    device,
+) -> np.ndarray:
+    """Disks, indices and basis of a block of patterns (n, H, W): (n, 9) per-pattern numbers.
+
+    Columns: ``G[0, 0], G[0, 1], G[1, 0], G[1, 1]`` (1/nm, scan frame), direct-beam centre
+    ``(row, col)`` px (the brightest disk), residual (1/nm), disks used, status code.
+    """
+    n = len(patterns)
+    disks = find_disks(patterns, template, min_snr=min_snr, min_relative=min_relative, device=device)
+    present, first = np.unique(disks.pattern, return_index=True)
+    origin = np.full((n, 2), np.nan)
+    origin[present] = disks.position[first]
+    offset_px = disks.position - origin[disks.pattern]
+    detector = offset_px[:, ::-1] * np.asarray(pixel_size)[::-1]  # (kx, ky), 1/nm
+    vectors = detector @ _rotation(scan_rotation)  # k_scan = R^T k_det, as rows
+    indices, on_lattice = index_vectors(vectors, approximate_basis, tolerance=index_tolerance)
+    keys = np.column_stack([disks.pattern, indices])
+    _, unique = np.unique(keys[on_lattice], axis=0, return_index=True)  # the brightest of duplicates
+    keep = np.flatnonzero(on_lattice)[unique]
+    fit = fit_basis(vectors[keep], indices[keep], disks.intensity[keep], disks.pattern[keep], n)
+    status = np.where(
+        disks.counts <= 1,
+        FitStatus.NO_DISKS,
+        np.where(fit.status == FitStatus.NO_DISKS, FitStatus.TOO_FEW_INDEXED, fit.status),
+    )
+    return np.column_stack([fit.basis.reshape(n, 4), origin, fit.residual, fit.n_disks, status])
+
+
+@dataclass(frozen=True)
+class StrainResult:
+    """Strain, rotation and lattice maps from :func:`strain_map`.
+
+    Conventions as in the module docstring. The maps are HyperSpy signals with the input's two
+    scan (navigation) axes and no signal axis; they are NaN where ``status`` is not 0.
+
+    Attributes
+    ----------
+    exx, eyy, exy : hyperspy.signal.BaseSignal
+        Strain, dimensionless (0.01 = 1 %), tensile positive; ``exy`` the tensor shear (half
+        the engineering shear).
+    theta : hyperspy.signal.BaseSignal
+        Rotation, rad, counter-clockwise looking down the beam, in the scan frame.
+    residual : hyperspy.signal.BaseSignal
+        Intensity-weighted RMS distance of the disks from the fitted lattice, 1/nm.
+    n_disks : hyperspy.signal.BaseSignal
+        Disks in each pattern's fit (direct beam included).
+    status : hyperspy.signal.BaseSignal
+        uint8 reason code per pattern, :class:`~stemml_core.diffraction.lattice.FitStatus`:
+        0 fitted, 1 no Bragg disk found (vacuum), 2 fewer than two non-collinear indexed disks.
+    basis : numpy.ndarray
+        ``(rows, cols, 2, 2)`` fitted bases, columns ``g1``, ``g2`` in ``(kx, ky)`` of the scan
+        frame, 1/nm.
+    reference_basis : numpy.ndarray
+        ``(2, 2)`` reference basis ``G0``, same convention.
+    reference : numpy.ndarray
+        ``(rows, cols)`` bool, the scan positions whose median basis is ``G0`` (all False when
+        ``G0`` was given).
+    origin : numpy.ndarray
+        ``(rows, cols, 2)`` measured direct-beam centre ``(row, col)``, detector px.
+    descan : numpy.ndarray
+        ``(rows, cols, 2)`` robust polynomial fit of ``origin`` over the scan, px.
+    template : numpy.ndarray
+        ``(rows, cols)`` probe image used for the cross-correlation, unit sum.
+    disk_radius : float
+        Disk radius (convergence semi-angle over wavelength), 1/nm.
+    scan_rotation : float
+        Scan-diffraction rotation that was undone, degrees.
+    """
+
+    exx: BaseSignal
+    eyy: BaseSignal
+    exy: BaseSignal
+    theta: BaseSignal
+    residual: BaseSignal
+    n_disks: BaseSignal
+    status: BaseSignal
+    basis: np.ndarray
+    reference_basis: np.ndarray
+    reference: np.ndarray
+    origin: np.ndarray
+    descan: np.ndarray
+    template: np.ndarray
+    disk_radius: float
+    scan_rotation: float
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, np.ndarray):
+                value.setflags(write=False)
+
+
+def _scan_map(data: np.ndarray, source: BaseSignal, title: str, quantity: str) -> BaseSignal:
+    """A signal of ``data`` (rows, cols) with ``source``'s scan axes and no signal axis."""
+    out = hs.signals.BaseSignal(data).T
+    for axis, template in zip(out.axes_manager.navigation_axes, source.axes_manager.navigation_axes):
+        axis.name, axis.units, axis.scale, axis.offset = template.name, template.units, template.scale, template.offset
+    out.metadata.General.title = title
+    out.metadata.set_item("Signal.quantity", quantity)
+    return out
+
+
+def _sample_indices(size: int) -> np.ndarray:
+    return np.unique(np.linspace(0, size - 1, min(size, _SAMPLE_SIDE)).round().astype(int))
+
+
+def _sample(signal: BaseSignal) -> np.ndarray:
+    """Patterns on a regular grid of at most 16 x 16 scan positions, (n, H, W)."""
+    rows, cols = signal.axes_manager.navigation_shape[::-1]
+    data = signal.data[_sample_indices(rows)][:, _sample_indices(cols)]
+    data = data.compute() if signal._lazy else data
+    return np.asarray(data).reshape(-1, *data.shape[2:])
+
+
+def _check_saturation(sample: np.ndarray, origins: np.ndarray, radius_px: np.ndarray) -> None:
+    """Raise when the direct beam is clipped at a detector ceiling."""
+    if np.issubdtype(sample.dtype, np.integer) and sample.max() == np.iinfo(sample.dtype).max:
+        raise InputError(
+            f"the direct beam reaches {sample.max()}, the largest value of the data's {sample.dtype}: the "
+            "detector saturated. Saturated disks have no reliable centre; expected unclipped counts "
+            "(record with a shorter dwell time or a lower beam current)."
+        )
+    if not np.array_equal(sample, np.round(sample)):
+        return  # not counts: no Poisson noise to miss (noise-free simulations have flat disks)
+    rows, cols = np.indices(sample.shape[1:])
+    valid = np.isfinite(origins).all(axis=1)
+    inner = (((rows - origins[valid, 0, None, None]) / radius_px[0]) ** 2
+             + ((cols - origins[valid, 1, None, None]) / radius_px[1]) ** 2) <= 0.8**2
+    at_max = (sample[valid] == sample[valid].max(axis=(1, 2), keepdims=True)) & inner
+    fraction = float(np.median(at_max.sum(axis=(1, 2)) / inner.sum(axis=(1, 2))))
+    if fraction > 0.25:
+        raise InputError(
+            f"the direct beam is saturated: in the median pattern {fraction:.0%} of its central pixels share "
+            "the pattern's maximum count, where Poisson noise would make them differ. Saturated disks have "
+            "no reliable centre; expected unclipped counts (shorter dwell time or lower beam current)."
+        )
+
+
+def _mean_aligned(patterns: np.ndarray, origins: np.ndarray) -> np.ndarray:
+    """Mean of ``patterns`` (n, H, W) moved by whole pixels so their direct beams coincide."""
+    height, width = patterns.shape[1:]
+    shift = np.rint(np.array([height // 2, width // 2]) - origins).astype(int)
+    rows = (np.arange(height) - shift[:, :1]) % height
+    cols = (np.arange(width) - shift[:, 1:]) % width
+    return patterns[np.arange(len(patterns))[:, None, None], rows[:, :, None], cols[:, None, :]].mean(axis=0)
+
+
+def _computed(result: BaseSignal, progress: bool, description: str) -> np.ndarray:
+    """The data of a map_pixels result; a lazy one is computed band by band of navigation chunks
+    (bounded memory, any dask scheduler, a progress bar)."""
+    if not result._lazy:
+        return np.asarray(result.data)
+    data = result.data
+    bands = np.cumsum((0,) + data.chunks[0])
+    out = np.empty(data.shape, dtype=data.dtype)
+    for start, stop in tqdm(list(zip(bands[:-1], bands[1:])), desc=description, disable=not progress, leave=False):
+        out[start:stop] = data[start:stop].compute()
+    return out
+
+
+def _feasible_order(order: int, n_points: int) -> int:
+    """The highest polynomial degree up to ``order`` with no more terms than ``n_points``."""
+    while order > 0 and (order + 1) * (order + 2) // 2 > n_points:
+        order -= 1
+    return order
+
+
+def _checked_reference(reference, reference_basis, scan_shape) -> tuple[np.ndarray, np.ndarray | None]:
+    """The reference mask (rows, cols) and the given reference basis (or None), validated."""
+    if reference is not None and reference_basis is not None:
+        raise ValueError("reference and reference_basis were both given; pass one (a mask or a basis), or neither.")
+    if reference_basis is not None:
+        basis = np.asarray(reference_basis, dtype=float)
+        if basis.shape != (2, 2) or not np.isfinite(basis).all() or not abs(np.linalg.det(basis)) > 0:
+            raise ValueError(
+                f"reference_basis {np.asarray(reference_basis).tolist()} is not a non-singular (2, 2) array; "
+                "expected columns g1, g2 in (kx, ky) of the scan frame, 1/nm."
+            )
+        return np.zeros(scan_shape, dtype=bool), basis
+    if reference is None:
+        return np.ones(scan_shape, dtype=bool), None
+    mask = np.asarray(reference)
+    if mask.dtype != bool or mask.shape != scan_shape:
+        raise ValueError(
+            f"reference is a {mask.dtype} array of shape {mask.shape}; expected a bool mask of the scan shape "
+            f"{scan_shape} (True where the lattice is the unstrained reference), or None."
+        )
+    return mask, None
+
+
+def _probe(sample: np.ndarray, pixel_size: np.ndarray):
+    """Disk radius (1/nm), direct beams, crystal mask and probe template of the sampled patterns."""
+    radius = disk_radius(sample, pixel_size)
+    radius_px = radius / pixel_size
+    beam = direct_beam(sample, radius_px)
+    valid = np.isfinite(beam.origin).all(axis=1)
+    if not valid.any():
+        raise ValueError(
+            "no direct beam was found away from the detector edge in the sampled patterns; expected the "
+            f"direct beam (radius {radius_px.round(1).tolist()} px) inside the {sample.shape[1:]} px detector."
+        )
+    _check_saturation(sample, beam.origin, radius_px)
+    fraction = beam.scattered_fraction
+    high = np.nanpercentile(fraction, 90)
+    vacuum = valid & (fraction < high / 4)
+    crystal = valid & (fraction >= high / 2)
+    source = vacuum if vacuum.sum() >= 4 else valid
+    return radius, beam, crystal, probe_template(sample[source], beam.origin[source], radius_px)
+
+
+def strain_map(
+    signal,
+    *,
+    reference=None,
+    reference_basis=None,
+    scan_rotation: float = 0.0,
+    descan_order: int = 2,
+    min_snr: float = 5.0,
+    min_relative: float = 2e-4,
+    index_tolerance: float = 0.2,
+    device: str = "cpu",
+    block_pixels: int = 256,
+    progress: bool = True,
+) -> StrainResult:
+    """Strain and rotation maps of a nanobeam 4D-STEM dataset.
+
+    Parameters
+    ----------
+    signal : hyperspy.signals.Signal2D
+        ``(rows, cols | H, W)`` patterns, eager or lazy; scan axes in nm (or Å, pm, µm),
+        detector axes in 1/nm (or 1/Å, 1/pm), checked by :func:`stemml_core.io.load_4dstem`.
+    reference : numpy.ndarray, optional
+        ``(rows, cols)`` bool mask of the unstrained reference region; its fitted patterns'
+        median basis is ``G0``. None: the median over every fitted pattern (right when most of
+        the crystal is unstrained).
+    reference_basis : array_like, optional
+        ``(2, 2)`` reference basis ``G0`` (columns ``g1``, ``g2`` in ``(kx, ky)`` of the scan
+        frame, 1/nm), e.g. from a calibration; it also indexes the disks. Exclusive with
+        ``reference``.
+    scan_rotation : float
+        Rotation of the diffraction pattern relative to the scan, degrees, counter-clockwise
+        (``k_det = R(scan_rotation) k_scan``), known or calibrated; undone before the fit.
+    descan_order : int
+        Degree of the polynomial fitted to the direct-beam positions (``result.descan``); lower
+        where the scan has fewer positions than the polynomial has terms.
+    min_snr, min_relative : float
+        Disk-detection thresholds, relative to each pattern's correlation noise and highest
+        peak; see :func:`~stemml_core.diffraction.disks.find_disks`.
+    index_tolerance : float
+        Largest distance of a disk's fractional indices from integers.
+    device : str
+        ``"cpu"`` (scipy.fft) or a torch device such as ``"cuda"`` for the cross-correlation.
+    block_pixels : int
+        Patterns per block for in-memory input (memory bound: about 300 kB per 128 x 128 pattern).
+    progress : bool
+        Show a text progress bar.
+
+    Returns
+    -------
+    StrainResult
+        Maps of ``exx``, ``eyy``, ``exy``, ``theta``, residual, disks used and a reason code,
+        plus bases, reference, direct-beam origins and descan fit, template.
+
+    Raises
+    ------
+    stemml_core.io.InputError
+        Not 4D, uncalibrated axes, a scan of one position, a saturated direct beam.
+    ValueError
+        No Bragg disk in the sampled patterns (all vacuum), disks too close for their refinement
+        windows, no pattern fitted, a bad ``reference`` or ``reference_basis``.
+
+    Notes
+    -----
+    1. On a grid of at most 16 x 16 sampled patterns: the disk radius (half-maximum area),
+       direct-beam centres (centre of mass, :func:`~stemml_core.diffraction.disks.direct_beam`),
+       a saturation check, the probe template from the vacuum patterns (scattered fraction below
+       a quarter of its 90th percentile; at least 4) or else from every sampled direct beam, and
+       the primitive basis of the disks of their mean pattern
+       (:func:`~stemml_core.diffraction.lattice.lattice_basis`).
+    2. One pass over all patterns (:func:`~stemml_core.blocks.map_pixels`, chunk by chunk for
+       lazy input, on whatever dask scheduler is active): disks by cross-correlation with
+       sub-pixel refinement, indices relative to the brightest disk, and a weighted least-squares
+       basis with a free offset per pattern (all orders; intensities as weights).
+    3. The direct-beam centres (brightest disk) are fitted by a robust polynomial (descan, for
+       the record: the free offset keeps descan out of the strain); ``G0`` is the median basis
+       over the reference; ``F``, ``eps`` and ``theta`` follow the module docstring.
+
+    A direct beam clipped at a detector ceiling is refused: integer data that reach their dtype's
+    maximum, or count data (integer values) whose direct beam has a flat top (more than a quarter
+    of its central pixels at the pattern's maximum, where Poisson noise would make them differ).
+
+    Lazy input is read chunk by chunk with bounded memory; only nine numbers per pattern are
+    kept, so the returned maps are in memory. Eager, lazy and ``dask.distributed`` runs give
+    the same numbers. As in :cite:`Bolhuis2024`, a pattern sees the lattice averaged over the
+    probe.
+
+    Examples
+    --------
+    >>> from stemml_core.synthetic import simulate_4dstem
+    >>> shear = np.zeros((4, 4, 2, 2)); shear[..., 0, 1] = shear[..., 1, 0] = 0.01
+    >>> signal, truth = simulate_4dstem(shear, detector_shape=(96, 96), dose=None)
+    >>> result = strain_map(signal, reference_basis=truth.reference_basis, progress=False)
+    >>> round(float(np.nanmean(result.exy.data)), 4), round(float(np.nanmean(result.theta.data)), 4) + 0.0
+    (0.01, 0.0)
+    """
+    signal = load_4dstem(signal)
+    scan_shape = tuple(signal.axes_manager.navigation_shape[::-1])
+    pixel_size = np.array([axis.scale for axis in signal.axes_manager.signal_axes[::-1]])  # (ky, kx) 1/nm
+    mask, reference_basis = _checked_reference(reference, reference_basis, scan_shape)
+
+    sample = _sample(signal)
+    radius, beam, crystal, template = _probe(sample, pixel_size)
+    if reference_basis is None:
+        mean = _mean_aligned(sample[crystal], beam.origin[crystal])
+        disks = find_disks(mean[None], template, min_snr=min_snr, min_relative=min_relative, device=device)
+        if len(disks.pattern) < 3:
+            raise ValueError(
+                f"no Bragg disks in the mean of {crystal.sum()} sampled patterns (found {len(disks.pattern)} disk(s)); "
+                "expected a crystal with disks separated from the direct beam. All vacuum, or overlapping disks "
+                "(convergence angle too large)? Otherwise lower min_relative or min_snr."
+            )
+        detector = (disks.position[1:] - disks.position[0])[:, ::-1] * pixel_size[::-1]
+        approximate_basis = lattice_basis(detector @ _rotation(scan_rotation), disks.intensity[1:],
+                                          tolerance=index_tolerance)
+    else:
+        approximate_basis = reference_basis
+    spacing = np.linalg.norm(approximate_basis, axis=0).min() / pixel_size.max()
+    if spacing < max(template.shape):
+        raise ValueError(
+            f"the shortest reciprocal basis vector spans {spacing:.1f} px, less than the {template.shape} px window "
+            "each disk is refined in (its diameter plus a margin): neighbouring disks would enter each other's "
+            "window. Expected nanobeam patterns with well separated disks (a smaller convergence angle or a "
+            "longer camera length)."
+        )
+
+    fitted = map_pixels(
+        signal,
+        _fit_block,
+        output_shape=(_N_OUTPUTS,),
+        block_pixels=block_pixels,
+        progress=progress,
+        description="Disks and lattice",
+        template=template,
+        approximate_basis=approximate_basis,
+        pixel_size=tuple(pixel_size),
+        scan_rotation=float(scan_rotation),
+        min_snr=min_snr,
+        min_relative=min_relative,
+        index_tolerance=index_tolerance,
+        device=device,
+    )
+    values = _computed(fitted, progress, "Disks and lattice")
+    basis = values[..., :4].reshape(scan_shape + (2, 2))
+    origin = values[..., 4:6]
+    status = values[..., 8].astype(np.uint8)
+    ok = status == FitStatus.OK
+    if not ok.any():
+        codes = {FitStatus(code).name: int((status == code).sum()) for code in np.unique(status)}
+        raise ValueError(f"no pattern could be fitted (reason codes {codes}); expected Bragg disks of one crystal.")
+
+    if reference_basis is None:
+        mask = mask & ok
+        if not mask.any():
+            raise ValueError(
+                f"reference selects {int(np.sum(reference))} scan positions, none of them fitted (status 0); "
+                "expected a region of crystal. Check result.status or choose another region."
+            )
+        reference_basis = np.median(basis[mask], axis=0)
+    components = strain_components(basis, reference_basis)
+    maps = [
+        _scan_map(component, signal, title, quantity)
+        for component, title, quantity in zip(
+            components,
+            ("Strain exx", "Strain eyy", "Strain exy", "Rotation theta"),
+            ("Strain", "Strain", "Strain", "Rotation (rad)"),
+        )
+    ]
+    return StrainResult(
+        *maps,
+        residual=_scan_map(values[..., 6], signal, "Lattice fit residual", "Residual (1/nm)"),
+        n_disks=_scan_map(values[..., 7].astype(int), signal, "Disks in the fit", "Disks"),
+        status=_scan_map(status, signal, "Fit status", "Reason code"),
+        basis=basis,
+        reference_basis=np.asarray(reference_basis, dtype=float),
+        reference=mask,
+        origin=origin,
+        descan=fit_descan(origin, order=_feasible_order(descan_order, np.isfinite(origin).all(axis=-1).sum())),
+        template=template,
+        disk_radius=radius,
+        scan_rotation=float(scan_rotation),
+    )
+
+
+def plot_strain(result: StrainResult, axes, *, strain_limit: float | None = None,
+                rotation_limit: float | None = None):
+    """Draw the four maps of a :class:`StrainResult`: exx, eyy, exy in %, theta in degrees.
+
+    Parameters
+    ----------
+    result : StrainResult
+        From :func:`strain_map`.
+    axes : sequence of matplotlib.axes.Axes
+        Four axes, in the order exx, eyy, exy, theta.
+    strain_limit : float, optional
+        Symmetric colour limit of the three strain maps, %; default the 99th percentile of their
+        absolute values.
+    rotation_limit : float, optional
+        Symmetric colour limit of the rotation map, degrees; default its 99th percentile.
+
+    Returns
+    -------
+    list of matplotlib.image.AxesImage
+    """
+    from stemml_core.plotting import plot_map
+
+    axes = list(np.ravel(axes))
+    if len(axes) != 4:
+        raise ValueError(f"plot_strain needs 4 axes (exx, eyy, exy, theta); got {len(axes)}.")
+    strain = [signal * 100 for signal in (result.exx, result.eyy, result.exy)]
+    rotation = result.theta * (180 / np.pi)
+
+    def bound(signals, limit):
+        if limit is not None:
+            return limit
+        values = np.concatenate([np.abs(s.data[np.isfinite(s.data)]) for s in signals])
+        return float(np.percentile(values, 99)) if values.size else 1.0
+
+    limits = [bound(strain, strain_limit)] * 3 + [bound([rotation], rotation_limit)]
+    images = []
+    for signal, name, unit, vmax in zip(strain + [rotation], ("exx", "eyy", "exy", "theta"), ("%", "%", "%", "deg"),
+                                        limits):
+        images.append(plot_map(signal, axes[len(images)], label=f"{name} ({unit})", cmap="RdBu_r",
+                               vmin=-vmax, vmax=vmax))
+    return images

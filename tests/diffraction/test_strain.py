@@ -1,0 +1,316 @@
+"""Strain maps against the forward model's probe-averaged truth; conventions, bad input, lazy runs."""
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+
+from stemml_core.diffraction import FitStatus, StrainResult, plot_strain, strain_components, strain_map
+from stemml_core.io import InputError
+from stemml_core.synthetic import simulate_4dstem, strained_flake
+
+COMPONENTS = ("exx", "eyy", "exy", "theta")
+
+
+def flake_reference(shape):
+    """The strained flake's unstrained corner: x < 0.35 of the width, y > 0.7 of the height."""
+    rows, cols = np.indices(shape)
+    return (cols < 0.35 * shape[1]) & (rows > 0.7 * shape[0])
+
+
+def scores(result, truth):
+    """RMSE, slope and correlation of each component against the probe-averaged truth, over the
+    crystal; theta's RMSE in degrees."""
+    crystal = ~truth.vacuum
+    out = {}
+    for name in COMPONENTS:
+        estimate, true = getattr(result, name).data[crystal], getattr(truth, name + "_avg")[crystal]
+        rmse = np.sqrt(np.mean((estimate - true) ** 2)) * (np.degrees(1) if name == "theta" else 1)
+        out[name] = (rmse, np.polyfit(true, estimate, 1)[0], np.corrcoef(true, estimate)[0, 1])
+    return out
+
+
+@pytest.fixture(scope="module")
+def flake():
+    """The default flake (32 x 32 scan, 128 x 128 px) at 1e6 electrons per pattern, seed 0."""
+    signal, truth = strained_flake(dose=1e6, random_state=0)
+    return signal, truth, strain_map(signal, reference=flake_reference(truth.vacuum.shape), progress=False)
+
+
+def halves(gradient, rows=4, cols=8, **kwargs):
+    """Noise-free scan: left half unstrained, right half deformed by ``gradient``.
+
+    The probe spreads each half into the other (and, periodically, round the scan's edge), so no
+    region is exactly unstrained in the probe-averaged truth: the analysis gets the unstrained
+    basis as its reference, and every component is compared with the truth."""
+    field = np.zeros((rows, cols, 2, 2))
+    field[:, cols // 2 :] = gradient
+    return simulate_4dstem(field, dose=None, **kwargs)
+
+
+def test_flake_at_1e6_electrons_meets_the_accuracy_goal(flake):
+    """Issue 7: RMSE at most 5e-4 per strain component and 0.02 degrees of rotation, slope
+    0.97-1.03, against the probe-averaged truth. Measured with seed 0 (RMSE, slope,
+    correlation): exx 2.3e-4, 0.999, 0.995; eyy 1.8e-4, 0.990, 0.986; exy 1.4e-4, 1.009, 0.968;
+    theta 0.008 degrees, 0.998, 0.989."""
+    _, truth, result = flake
+    for name, (rmse, slope, correlation) in scores(result, truth).items():
+        report = f"{name}: RMSE {rmse:.2e}, slope {slope:.3f}, correlation {correlation:.3f}"
+        assert rmse <= (0.02 if name == "theta" else 5e-4), report
+        assert 0.97 <= slope <= 1.03, report
+        assert correlation >= 0.95, report
+
+
+def test_vacuum_is_nan_with_its_reason(flake):
+    _, truth, result = flake
+    status = result.status.data
+    np.testing.assert_array_equal(status == FitStatus.NO_DISKS, truth.vacuum)
+    assert (status[~truth.vacuum] == FitStatus.OK).all()
+    for name in COMPONENTS + ("residual",):
+        data = getattr(result, name).data
+        assert np.isnan(data[truth.vacuum]).all() and np.isfinite(data[~truth.vacuum]).all()
+    assert (result.n_disks.data[~truth.vacuum] >= 15).all()
+
+
+def test_origins_and_descan_match_the_generator(flake):
+    """No constant (half-pixel) shift of the direct beam; the smooth fit follows the known descan."""
+    _, truth, result = flake
+    error = result.origin - truth.origin
+    assert np.abs(error.mean(axis=(0, 1))).max() < 0.002
+    assert np.abs(error).max() < 0.03
+    assert np.abs(result.descan - truth.origin).max() < 0.01
+
+
+def test_reference_is_the_median_over_the_mask(flake):
+    _, truth, result = flake
+    mask = flake_reference(truth.vacuum.shape)
+    np.testing.assert_array_equal(result.reference, mask)
+    np.testing.assert_allclose(result.reference_basis, np.median(result.basis[mask], axis=0))
+    np.testing.assert_allclose(result.reference_basis, truth.reference_basis, rtol=2e-4, atol=2e-4)
+
+
+def test_strain_components_reproduce_the_forward_model(flake):
+    _, truth, _ = flake
+    components = strain_components(truth.reciprocal_basis(), truth.reference_basis)
+    for name, values in zip(COMPONENTS, components):
+        np.testing.assert_allclose(values, getattr(truth, name + "_avg"), atol=1e-12)
+
+
+THETA = np.deg2rad(0.5)
+CASES = {
+    "rotation": ([[np.cos(THETA) - 1, np.sin(THETA)], [-np.sin(THETA), np.cos(THETA) - 1]], "theta", THETA),
+    "shear": ([[0.0, 0.005], [0.005, 0.0]], "exy", 0.005),
+    "tensile_x": ([[0.01, 0.0], [0.0, 0.0]], "exx", 0.01),
+    "compressive_y": ([[0.0, 0.0], [0.0, -0.01]], "eyy", -0.01),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_pure_deformations_have_the_right_signs(case):
+    """Counter-clockwise rotation (looking down the beam) is positive, tensile is positive,
+    exy is the tensor shear; every component against the forward model."""
+    gradient, component, value = CASES[case]
+    signal, truth = halves(gradient)
+    result = strain_map(signal, reference_basis=truth.reference_basis, progress=False)
+    assert np.median(getattr(result, component).data[:, -2:]) == pytest.approx(value, rel=0.05)  # sign, size
+    for name in COMPONENTS:
+        np.testing.assert_allclose(getattr(result, name).data, getattr(truth, name + "_avg"), atol=1.5e-4)
+
+
+@pytest.mark.parametrize("k_pixel_size", [(0.115, 0.13), (0.13, 0.115)])
+def test_non_square_pixels_use_each_axis_calibration(k_pixel_size):
+    gradient = [[0.01, 0.004], [0.002, -0.005]]
+    signal, truth = halves(gradient, k_pixel_size=k_pixel_size)
+    result = strain_map(signal, reference_basis=truth.reference_basis, progress=False)
+    for name in COMPONENTS:
+        np.testing.assert_allclose(getattr(result, name).data, getattr(truth, name + "_avg"), atol=1.5e-4)
+
+
+def test_scan_rotation_is_undone():
+    gradient = [[0.01, 0.0], [0.0, 0.0]]
+    signal, truth = halves(gradient, scan_rotation=30.0)
+    result = strain_map(signal, reference_basis=truth.reference_basis, scan_rotation=30.0, progress=False)
+    assert result.scan_rotation == 30.0
+    for name in COMPONENTS:
+        np.testing.assert_allclose(getattr(result, name).data, getattr(truth, name + "_avg"), atol=1.5e-4)
+    reference = np.zeros(truth.vacuum.shape, dtype=bool)
+    reference[:, :2] = True
+    ignored = strain_map(signal, reference=reference, progress=False)  # the detector frame instead
+    assert np.abs(ignored.exy.data[:, -2:]).min() > 0.003  # exx = 1 % turned by 30 degrees
+
+
+def test_unstrained_lattice_under_descan_drift_has_no_strain():
+    """Issue 7: zero within 0.02 % under descan: noise-free the largest value over the map,
+    at 1e6 electrons the mean (the per-pattern noise, RMS about 2e-4, is the accuracy test's)."""
+    signal, truth = simulate_4dstem(np.zeros((12, 12, 2, 2)), descan=4.0, dose=None)
+    assert np.ptp(truth.origin[..., 1]) > 5  # pixels of drift across the scan
+    result = strain_map(signal, progress=False)
+    for name in COMPONENTS:
+        assert np.abs(getattr(result, name).data).max() < 2e-4
+    signal, _ = simulate_4dstem(np.zeros((12, 12, 2, 2)), descan=4.0, dose=1e6, random_state=3)
+    result = strain_map(signal, progress=False)
+    for name in COMPONENTS:
+        assert abs(np.mean(getattr(result, name).data)) < 2e-5
+
+
+def test_given_reference_basis_indexes_and_references():
+    signal, truth = halves([[0.01, 0.0], [0.0, 0.0]])
+    result = strain_map(signal, reference_basis=truth.reference_basis, progress=False)
+    np.testing.assert_array_equal(result.reference_basis, truth.reference_basis)
+    assert not result.reference.any()
+    reference = np.zeros(truth.vacuum.shape, dtype=bool)
+    reference[:, :2] = True
+    masked = strain_map(signal, reference=reference, progress=False)
+    offset = np.median(truth.exx_avg[reference])  # the probe's reach into the left half
+    np.testing.assert_allclose(masked.exx.data, truth.exx_avg - offset, atol=1.5e-4)
+
+
+def test_a_pattern_off_the_lattice_is_nan_with_its_reason():
+    """A grain turned by 30 degrees: its disks are found but none indexes on the lattice."""
+    gradient = np.zeros((4, 4, 2, 2))
+    turn = np.deg2rad(30.0)
+    gradient[1, 2] = [[np.cos(turn) - 1, np.sin(turn)], [-np.sin(turn), np.cos(turn) - 1]]
+    signal, _ = simulate_4dstem(gradient, detector_shape=(96, 96), dose=1e6, random_state=0)
+    result = strain_map(signal, progress=False)
+    expected = np.zeros((4, 4), dtype=np.uint8)
+    expected[1, 2] = FitStatus.TOO_FEW_INDEXED
+    np.testing.assert_array_equal(result.status.data, expected)
+    assert np.isnan(result.exx.data[1, 2]) and np.isfinite(result.exx.data[0, 0])
+
+
+@pytest.fixture(scope="module")
+def small():
+    return simulate_4dstem(np.zeros((4, 4, 2, 2)), detector_shape=(96, 96), dose=1e6, random_state=0)[0]
+
+
+def clipped(signal):
+    """Counts clipped at an integer ceiling below the direct beam's plateau."""
+    out = signal.deepcopy()
+    out.data = np.minimum(out.data, np.round(0.9 * np.median(out.data.max(axis=(2, 3)))))
+    return out
+
+
+def uint16_saturated(signal):
+    out = signal.deepcopy()
+    out.data = np.minimum(out.data, 65535).astype(np.uint16)
+    out.data[..., 48, 48] = 65535
+    return out
+
+
+def uncalibrated(signal):
+    out = signal.deepcopy()
+    out.axes_manager["kx"].units = "<undefined>"
+    return out
+
+
+BAD_INPUT = {
+    "not 4D": (lambda s: s.inav[0], InputError, "has 1 navigation and 2 signal axes; expected a 4D-STEM"),
+    "one position": (lambda s: s.inav[:1, :1], InputError, "is a scan of one position"),
+    "uncalibrated": (uncalibrated, InputError, r"detector axis 'kx' has units '<undefined>'; expected '1/nm'"),
+    "saturated": (clipped, InputError, "the direct beam is saturated: in the median pattern 100%"),
+    "uint16 ceiling": (uint16_saturated, InputError, "reaches 65535, the largest value of the data's uint16"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT)
+def test_bad_input_is_refused_with_a_clear_error(small, case):
+    make, error, message = BAD_INPUT[case]
+    with pytest.raises(error, match=message):
+        strain_map(make(small), progress=False)
+
+
+def test_a_bare_array_is_refused():
+    with pytest.raises(InputError, match="expected a file path or a HyperSpy signal"):
+        strain_map(np.zeros((4, 4, 96, 96)), progress=False)
+
+
+def test_all_vacuum_is_refused():
+    signal, _ = simulate_4dstem(np.zeros((4, 4, 2, 2)), vacuum=np.ones((4, 4), bool), detector_shape=(96, 96),
+                                dose=1e6, random_state=0)
+    with pytest.raises(ValueError, match=r"no Bragg disks in the mean of .* sampled patterns .* All vacuum"):
+        strain_map(signal, progress=False)
+
+
+def test_disks_too_close_for_their_windows_are_refused():
+    """A disk radius of 10 px: neighbours 29 px apart would enter each other's 30 px window."""
+    signal, truth = simulate_4dstem(np.zeros((2, 2, 2, 2)), convergence_angle=3.2, dose=None)
+    with pytest.raises(ValueError, match=r"spans 29.2 px, less than the \(30, 30\) px window"):
+        strain_map(signal, reference_basis=truth.reference_basis, progress=False)
+
+
+def test_bad_reference_arguments(small):
+    basis = np.eye(2)
+    with pytest.raises(ValueError, match="reference and reference_basis were both given"):
+        strain_map(small, reference=np.ones((4, 4), bool), reference_basis=basis, progress=False)
+    with pytest.raises(ValueError, match=r"reference is a float64 array of shape \(3, 4\); expected a bool mask"):
+        strain_map(small, reference=np.ones((3, 4)), progress=False)
+    with pytest.raises(ValueError, match=r"reference_basis \[\[1.0, 2.0\], \[2.0, 4.0\]\] is not a non-singular"):
+        strain_map(small, reference_basis=[[1.0, 2.0], [2.0, 4.0]], progress=False)
+    with pytest.raises(ValueError, match="reference selects 0 scan positions, none of them fitted"):
+        strain_map(small, reference=np.zeros((4, 4), bool), progress=False)
+
+
+def test_maps_carry_the_scan_calibration_and_input_is_untouched(small):
+    before = small.data.copy()
+    result = strain_map(small, progress=False)
+    np.testing.assert_array_equal(small.data, before)
+    assert isinstance(result, StrainResult)
+    for name in COMPONENTS + ("residual", "n_disks", "status"):
+        signal = getattr(result, name)
+        assert signal.axes_manager.navigation_dimension == 2 and signal.axes_manager.signal_dimension == 0
+        assert [(a.name, a.units, a.scale) for a in signal.axes_manager.navigation_axes] == [
+            (a.name, a.units, a.scale) for a in small.axes_manager.navigation_axes
+        ]
+    assert result.theta.metadata.Signal.quantity == "Rotation (rad)"
+    with pytest.raises(ValueError, match="read-only"):
+        result.basis[0, 0, 0, 0] = 1.0
+
+
+def test_float32_and_float64_input_agree(small):
+    wide = small.deepcopy()
+    wide.data = wide.data.astype(np.float64)
+    narrow, double = strain_map(small, progress=False), strain_map(wide, progress=False)
+    for name in COMPONENTS:
+        np.testing.assert_allclose(getattr(narrow, name).data, getattr(double, name).data, atol=1e-9)
+
+
+def test_eager_lazy_and_distributed_give_the_same_maps():
+    distributed = pytest.importorskip("distributed")
+    signal, _ = strained_flake((12, 12), detector_shape=(96, 96), dose=1e6, random_state=1)
+    eager = strain_map(signal, progress=False)
+    lazy_signal = signal.as_lazy()
+    lazy_signal.data = lazy_signal.data.rechunk((5, 7, -1, -1))
+    lazy = strain_map(lazy_signal, progress=False)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster):
+        on_cluster = strain_map(lazy_signal, progress=False)
+    for name in COMPONENTS + ("residual",):
+        np.testing.assert_array_equal(getattr(lazy, name).data, getattr(eager, name).data)
+        np.testing.assert_array_equal(getattr(on_cluster, name).data, getattr(eager, name).data)
+    np.testing.assert_array_equal(lazy.origin, eager.origin)
+
+
+def test_plot_strain_draws_four_maps(flake):
+    _, _, result = flake
+    figure, axes = plt.subplots(2, 2)
+    images = plot_strain(result, axes, strain_limit=2.0)
+    assert len(images) == 4
+    assert images[0].get_clim() == (-2.0, 2.0)
+    assert images[3].get_array().max() == pytest.approx(np.degrees(np.nanmax(result.theta.data)))
+    with pytest.raises(ValueError, match="needs 4 axes"):
+        plot_strain(result, axes[0])
+    plt.close(figure)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("options", [dict(), dict(scan_rotation=25.0, k_pixel_size=(0.12, 0.13)),
+                                     dict(lattice="WS2", orientation=17.0)], ids=["default", "rotated", "WS2"])
+def test_flake_accuracy_holds_across_seeds_and_geometries(seed, options):
+    signal, truth = strained_flake(dose=1e6, random_state=seed, **options)
+    result = strain_map(signal, reference=flake_reference(truth.vacuum.shape),
+                        scan_rotation=options.get("scan_rotation", 0.0), progress=False)
+    for name, (rmse, slope, correlation) in scores(result, truth).items():
+        report = f"{name}: RMSE {rmse:.2e}, slope {slope:.3f}, correlation {correlation:.3f}"
+        assert rmse <= (0.02 if name == "theta" else 5e-4), report
+        assert 0.97 <= slope <= 1.03, report
+
