@@ -2,10 +2,12 @@
 
 from .dielectric import DielectricResult, dielectric_function, fourier_log_deconvolution, kramers_kronig
 from .thickness import ReplicaInterval, estimate_thickness, log_ratio, mean_free_path
+from .zlp import ZLPEnsemble
 
 __all__ = [
     "DielectricResult",
     "ReplicaInterval",
+    "ZLPEnsemble",
     "dielectric_function",
     "estimate_thickness",
     "fourier_log_deconvolution",
