@@ -621,7 +621,7 @@ def train_replicas(theta, train, val, sizes, *, penalty, n_warmup, max_iter, tol
     n_steps = n_warmup + max_iter
     train_curve = torch.full((n_replicas, n_steps), torch.nan, dtype=theta.dtype, device=theta.device)
     val_curve = torch.full_like(train_curve, torch.nan)
-    bar = tqdm(total=n_steps, desc="ZLP replicas", disable=not progress)
+    bar = tqdm(total=n_steps, desc="ZLP replicas", disable=not progress, mininterval=1.0)
     step = -1
 
     def record(loss, active):
@@ -900,6 +900,12 @@ class ZLPEnsemble(BaseEstimator):
         Energy axis the model was fitted on (eV).
     cluster_centers_ : ndarray of shape (n_clusters,)
         ln N_tot of each cluster centre, ascending.
+    labels_ : ndarray of int of shape nav
+        Cluster of each fitted spectrum (0 = lowest ln N_tot), in the input's
+        navigation shape.
+    cluster_medians_ : ndarray of shape (n_clusters, n_energy)
+        Median spectrum of each cluster (counts), from which dE1 and dE2 were
+        found.
     fwhm_, de1_, de2_ : ndarray of shape (n_clusters,)
         ZLP FWHM, dE1 and dE2 of each cluster (eV).
     weights_ : ndarray of shape (n_replicas, n_parameters)
@@ -1050,7 +1056,7 @@ class ZLPEnsemble(BaseEstimator):
             clusters, or dE1/dE2 outside the axis or inside the ZLP FWHM.
         """
         hidden = self._check_params()
-        spectra, energy, _, _ = _as_spectra(X, energy)
+        spectra, energy, shape, _ = _as_spectra(X, energy)
         spectra = spectra.astype(np.float64)
         _check_zlp(spectra, energy)
         if spectra.shape[0] < self.n_clusters:
@@ -1093,6 +1099,11 @@ class ZLPEnsemble(BaseEstimator):
 
         self.energy_ = energy
         self.cluster_centers_ = centers
+        labels = np.empty(len(spectra), dtype=int)
+        for k, m in enumerate(members):
+            labels[m] = k
+        self.labels_ = labels.reshape(shape[:-1])
+        self.cluster_medians_ = medians
         self.fwhm_, self.de1_, self.de2_ = fwhm, de1, de2
         self.energy_scaler_, self.log_ntot_scaler_, self.output_scaler_ = scalers
         self.weights_ = theta.cpu().numpy()
@@ -1519,6 +1530,8 @@ SAVE_FORMAT = "stemml.ZLPEnsemble/1"
 _SAVED_ATTRIBUTES = (
     "energy_",
     "cluster_centers_",
+    "labels_",
+    "cluster_medians_",
     "fwhm_",
     "de1_",
     "de2_",
@@ -1558,3 +1571,59 @@ def _versions():
         "numpy": np.__version__,
         "scikit-learn": sklearn.__version__,
     }
+
+
+def plot_de(model, ax, *, energy_max=None):
+    """Draw each cluster's median spectrum with its dE1 and dE2 (the diagnostic of their choice).
+
+    Parameters
+    ----------
+    model : ZLPEnsemble
+        A fitted model.
+    ax : matplotlib.axes.Axes
+        Where to draw (log intensity against energy loss in eV).
+    energy_max : float, optional
+        Right end of the plot, eV; default 1.5 x the largest dE2.
+    """
+    check_is_fitted(model)
+    colors = [f"C{k}" for k in range(model.n_clusters)]
+    for k, (median, color) in enumerate(zip(model.cluster_medians_, colors)):
+        ax.semilogy(model.energy_, np.maximum(median, 0.1), color=color, lw=1,
+                    label=f"cluster {k}: dE1 {model.de1_[k]:.2f}, dE2 {model.de2_[k]:.2f} eV")
+        ax.axvline(model.de1_[k], color=color, ls="--", lw=0.8)
+        ax.axvline(model.de2_[k], color=color, ls=":", lw=0.8)
+    ax.axhline(SINGLE_COUNT, color="0.5", lw=0.5)
+    right = energy_max if energy_max is not None else min(1.5 * float(model.de2_.max()), float(model.energy_[-1]))
+    ax.set_xlim(model.energy_[0], right)
+    ax.set_xlabel("Energy loss (eV)")
+    ax.set_ylabel("Median counts of the cluster")
+    ax.legend(fontsize="small", title="dashed: dE1, dotted: dE2")
+
+
+def plot_training(model, axes):
+    """Draw the training report: validation loss curves, and the final chi^2 of each replica.
+
+    Parameters
+    ----------
+    model : ZLPEnsemble
+        A fitted model.
+    axes : sequence of two matplotlib.axes.Axes
+        Loss curves (log scale, L-BFGS then Levenberg-Marquardt steps), and
+        chi^2 per point of each replica with the kept ones marked.
+    """
+    check_is_fitted(model)
+    curves, chi2 = axes
+    history = model.history_
+    for loss, kept in zip(history.val_loss, model.kept_):
+        curves.semilogy(loss, color="C0" if kept else "C3", lw=0.5, alpha=0.5)
+    curves.axvline(history.n_warmup, color="0.3", ls="--", lw=0.8)
+    curves.set_xlabel("Optimiser step (L-BFGS, then Levenberg-Marquardt after the dashed line)")
+    curves.set_ylabel("Validation loss")
+    order = np.argsort(model.chi2_)
+    chi2.semilogy(np.flatnonzero(model.kept_[order]), model.chi2_[order][model.kept_[order]], "o", ms=3,
+                  color="C0", label=f"kept ({int(model.kept_.sum())})")
+    chi2.semilogy(np.flatnonzero(~model.kept_[order]), model.chi2_[order][~model.kept_[order]], "x", ms=4,
+                  color="C3", label=f"rejected ({int((~model.kept_).sum())})")
+    chi2.set_xlabel("Replica (sorted by chi^2)")
+    chi2.set_ylabel("chi^2 per point")
+    chi2.legend()

@@ -116,6 +116,32 @@ def test_training_report(fitted):
         assert fitted.chi2_[fitted.kept_].max() < fitted.chi2_[~fitted.kept_].min()
 
 
+def test_cluster_labels_and_medians(flake, fitted):
+    signal, truth = flake
+    assert fitted.labels_.shape == (8, 8)
+    np.testing.assert_array_equal(fitted.labels_.ravel(), _cluster_of_pixels(fitted, signal))
+    # the lowest-intensity... cluster 0 holds the thickest pixels, the last one the vacuum (most ZLP counts)
+    assert truth.vacuum[fitted.labels_ == fitted.n_clusters - 1].all()
+    assert fitted.cluster_medians_.shape == (fitted.n_clusters, signal.data.shape[-1])
+
+
+def test_diagnostic_plots_draw_every_cluster_and_replica(fitted):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from stemml_core.eels.zlp import plot_de, plot_training
+
+    fig, (ax_de, ax_loss, ax_chi2) = plt.subplots(1, 3)
+    plot_de(fitted, ax_de)
+    plot_training(fitted, (ax_loss, ax_chi2))
+    assert len(ax_de.lines) == 3 * fitted.n_clusters + 1
+    assert len(ax_loss.lines) == fitted.n_replicas + 1
+    assert sum(len(line.get_xdata()) for line in ax_chi2.lines) == fitted.n_replicas
+    plt.close(fig)
+
+
 def test_overshoot_is_reported_not_clipped(flake, fitted):
     signal, truth = flake
     assert float(fitted.subtract(signal).overshoot.data.max()) < 0.05
