@@ -49,8 +49,9 @@ class Sample:
     signal : hyperspy.signal.BaseSignal
         The data, calibrated.
     truth : object or None
-        Ground truth (a frozen dataclass of :mod:`stemml_core.synthetic`) for
-        generated samples; None where none is known.
+        Ground truth: a frozen dataclass of :mod:`stemml_core.synthetic` for
+        generated samples, the dict of the registry's ``truth`` file for a
+        shipped one that has it; None where none is known.
     entry : dict
         The registry entry (description, provenance, how it was obtained).
     """
@@ -158,7 +159,10 @@ def load(name: str, *, random_state: int | None = None, allow_download: bool = F
         path = Path(pooch.retrieve(entry["url"], known_hash=f"sha256:{entry['sha256']}",
                                    path=cache_dir, progressbar=False))
     loader = io.load_4dstem if entry.get("type") == "4dstem" else io.load_lowloss
-    return Sample(name, loader(path), None, entry)
+    truth = None
+    if "truth" in entry:  # a shipped file's known truth, as a JSON object beside it
+        truth = json.loads((data_dir() / entry["truth"]).read_text(encoding="utf-8"))
+    return Sample(name, loader(path), truth, entry)
 
 
 def _truth_arrays(truth) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

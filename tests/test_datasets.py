@@ -70,8 +70,15 @@ sha256 = "{'0' * 64}"
 
 def test_project_registry_lists_the_book_samples():
     names = datasets.list_samples()
-    assert {"lowloss_flake", "strained_flake"} <= set(names)
+    assert {"lowloss_flake", "strained_flake", "lowloss_spectrum"} <= set(names)
     assert all(names.values())
+
+
+def test_project_shipped_spectrum_is_checked_and_knows_its_truth():
+    sample = datasets.load("lowloss_spectrum")
+    assert sample.signal.axes_manager.navigation_dimension == 0
+    assert sample.signal.axes_manager.signal_axes[0].scale == pytest.approx(0.025)
+    assert sample.truth["band_gap_eV"] == 1.5 and sample.truth["t_over_lambda"] == pytest.approx(0.4955, abs=1e-4)
 
 
 def test_generated_is_deterministic_and_has_truth(registry):
