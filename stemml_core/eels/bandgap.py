@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.signal import fftconvolve
 
-__all__ = ["OnsetFit", "fit_onset"]
+__all__ = ["BandGapResult", "OnsetFit", "estimate_band_gap", "fit_onset", "resolution_from"]
 
 #: Exponent below which a gap is reported as direct (halfway between 0.5 and 1.5).
 DIRECT_INDIRECT_THRESHOLD = 1.0
@@ -284,3 +284,154 @@ def _vertex_offsets(local, lu, lv, ig, ib, grid_shape):
     dv = (-2 * cuu * cv + cuv * cu) / safe
     ok &= (np.abs(du) <= 1) & (np.abs(dv) <= 1)
     return np.where(ok, du, 0.0), np.where(ok, dv, 0.0)
+
+
+# --------------------------------------------------------------------------
+# HyperSpy-aware wrapper: one fit per pixel and ZLP replica
+# --------------------------------------------------------------------------
+
+#: Quantities per pixel returned by :func:`estimate_band_gap`'s block function.
+_OUTPUTS = ("band_gap", "band_gap_low", "band_gap_high", "exponent", "exponent_low", "exponent_high",
+            "found_fraction")
+
+
+@dataclass(frozen=True)
+class BandGapResult:
+    """Band-gap maps with intervals over the ZLP replicas.
+
+    Every field is a HyperSpy signal with the input's navigation axes (lazy
+    when the input was lazy); NaN where fewer than ``min_found`` of the
+    replicas show a significant onset.
+
+    Attributes
+    ----------
+    band_gap, band_gap_low, band_gap_high : hyperspy.signal.BaseSignal
+        Median, 16th and 84th percentile of Eg over the replicas, eV.
+    exponent, exponent_low, exponent_high : hyperspy.signal.BaseSignal
+        The same for the onset exponent b (0.5 direct, 1.5 indirect).
+    found_fraction : hyperspy.signal.BaseSignal
+        Fraction of the replicas with a significant onset in the window.
+    window : (float, float)
+        Energy-loss window of the fits, eV.
+    """
+
+    band_gap: object
+    band_gap_low: object
+    band_gap_high: object
+    exponent: object
+    exponent_low: object
+    exponent_high: object
+    found_fraction: object
+    window: tuple
+
+    def direct(self):
+        """True where the gap is direct (median exponent below 1), as a navigation map."""
+        out = self.exponent < DIRECT_INDIRECT_THRESHOLD
+        out.metadata.General.title = "Direct band gap"
+        return out
+
+
+def resolution_from(spectrum, energy, *, half_width: float = 1.0):
+    """Instrument resolution from a vacuum (or model) ZLP: the channels within ``half_width``
+    eV of its maximum, normalised to unit sum, centred for :func:`fit_onset`."""
+    spectrum = np.asarray(spectrum, dtype=np.float64)
+    peak = int(np.argmax(spectrum))
+    half = int(round(half_width / (energy[1] - energy[0])))
+    if peak - half < 0 or peak + half >= spectrum.size:
+        raise ValueError(f"half_width={half_width} eV reaches past the energy axis around the ZLP at {energy[peak]:.3g} eV")
+    kernel = np.clip(spectrum[peak - half: peak + half + 1], 0.0, None)
+    return kernel / kernel.sum()
+
+
+def _band_gap_block(block, *, model, energy, window, resolution, exponents, min_found):
+    replicas = model.predict_replicas(block, energy)  # (n_rep, n, n_energy)
+    n_rep, n = replicas.shape[:2]
+    fit = fit_onset((block[None] - replicas).reshape(n_rep * n, -1), energy, window=window,
+                    resolution=resolution, exponents=exponents)
+    gap = fit.band_gap.reshape(n_rep, n)
+    exponent = fit.exponent.reshape(n_rep, n)
+    found = fit.found.reshape(n_rep, n).mean(axis=0)
+    enough = found >= min_found
+    out = np.full((n, len(_OUTPUTS)), np.nan)
+    if enough.any():
+        with np.errstate(all="ignore"):
+            out[enough, 0:3] = np.nanpercentile(gap[:, enough], (50, 16, 84), axis=0).T
+            out[enough, 3:6] = np.nanpercentile(exponent[:, enough], (50, 16, 84), axis=0).T
+    out[:, 6] = found
+    return out
+
+
+def estimate_band_gap(signal, model, *, window, resolution=None, exponents=None, min_found=0.5,
+                      block_pixels=64, progress=True) -> BandGapResult:
+    """Map the band gap of a low-loss spectrum image from its ZLP-subtracted replicas.
+
+    For every pixel and every kept replica of ``model``, the replica's ZLP is
+    subtracted and :func:`fit_onset` fits the onset; the median and the 16th
+    and 84th percentiles over the replicas give the value and its 68 %
+    interval.
+
+    Parameters
+    ----------
+    signal : exspy.signals.EELSSpectrum
+        Low-loss spectra (counts) on the energy axis ``model`` was fitted on;
+        eager or lazy, any navigation shape.
+    model : stemml_core.eels.zlp.ZLPEnsemble
+        A fitted ZLP ensemble.
+    window : (float, float)
+        Energy-loss window of the onset fits, eV: a few tenths of an eV below
+        the lowest expected gap to a few tenths above the highest.
+    resolution : array_like, optional
+        Instrument resolution for the onset model (see :func:`resolution_from`).
+    exponents : array_like, optional
+        Exponent grid of :func:`fit_onset`.
+    min_found : float
+        Smallest fraction of replicas with a significant onset for a pixel to
+        get a value (NaN otherwise, e.g. vacuum).
+    block_pixels : int
+        Pixels per block (memory: about ``block_pixels x n_replicas x
+        n_energy`` floats per block).
+    progress : bool
+        Progress bar for in-memory input.
+
+    Returns
+    -------
+    BandGapResult
+
+    Raises
+    ------
+    ValueError
+        An energy axis other than the model's, or a window outside it.
+    """
+    from sklearn.utils.validation import check_is_fitted
+
+    from ..blocks import map_pixels
+
+    check_is_fitted(model)
+    energy = signal.axes_manager.signal_axes[0].axis
+    if energy.shape != model.energy_.shape or not np.allclose(energy, model.energy_):
+        raise ValueError(
+            f"the signal's energy axis ({energy[0]:.4g} to {energy[-1]:.4g} eV, {energy.size} channels) "
+            f"differs from the model's ({model.energy_[0]:.4g} to {model.energy_[-1]:.4g} eV, "
+            f"{model.energy_.size} channels); crop the signal as for the fit"
+        )
+    if not 0.0 <= min_found <= 1.0:
+        raise ValueError(f"min_found={min_found}; expected a fraction between 0 and 1")
+    if resolution is not None:
+        resolution = np.asarray(resolution, dtype=np.float64)
+    # validate the window and grids once, before any block runs
+    fit_onset(np.zeros((1, energy.size)), energy, window=window, exponents=exponents, resolution=resolution)
+    out = map_pixels(signal, _band_gap_block, output_shape=(len(_OUTPUTS),), block_pixels=block_pixels,
+                     progress=progress, description="band gap", model=model, energy=energy,
+                     window=tuple(window), resolution=resolution, exponents=exponents, min_found=min_found)
+    maps = {}
+    units = {"band_gap": "eV", "exponent": ""}
+    for index, name in enumerate(_OUTPUTS):
+        quantity = name.split("_low")[0].split("_high")[0]
+        item = out.isig[index]
+        item = item.transpose(signal_axes=0) if item.axes_manager.signal_dimension else item
+        item.metadata.General.title = name.replace("_", " ")
+        unit = units.get(quantity, "")
+        item.metadata.set_item("Signal.quantity", f"{quantity.replace('_', ' ').capitalize()}"
+                               + (f" ({unit})" if unit else ""))
+        maps[name] = item
+    return BandGapResult(window=tuple(window), **maps)

@@ -105,3 +105,65 @@ def test_any_clean_onset_in_the_window(gap, exponent, amplitude):
     fit = fit_onset(spectrum, ENERGY, window=(0.8, 2.6))
     assert fit.found[0]
     assert abs(fit.band_gap[0] - gap) < 0.03
+
+
+# --------------------------------------------------------------------------
+# estimate_band_gap: one onset fit per pixel and ZLP replica
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def flake_and_model():
+    from stemml_core.eels.zlp import ZLPEnsemble
+    from stemml_core.synthetic.lowloss import flake_sample
+
+    signal, truth = flake_sample((6, 8), random_state=0, dose=1e7, energy_range=(-1.0, 9.0))
+    model = ZLPEnsemble(n_replicas=8, n_clusters=3, n_warmup=60, max_iter=40, random_state=0,
+                        progress=False).fit(signal)
+    return signal, truth, model
+
+
+def test_band_gap_maps_keep_the_scan_and_match_lazy(flake_and_model):
+    from stemml_core.eels.bandgap import estimate_band_gap, resolution_from
+
+    signal, truth, model = flake_and_model
+    resolution = resolution_from(model.cluster_medians_[-1], model.energy_, half_width=0.5)
+    eager = estimate_band_gap(signal, model, window=(1.0, 2.6), resolution=resolution, progress=False)
+    lazy = estimate_band_gap(signal.as_lazy(), model, window=(1.0, 2.6), resolution=resolution)
+    for name in ("band_gap", "band_gap_low", "band_gap_high", "exponent", "found_fraction"):
+        got = getattr(eager, name)
+        assert got.axes_manager.navigation_shape == (8, 6) and got.axes_manager.signal_dimension == 0
+        assert [a.units for a in got.axes_manager.navigation_axes] == ["nm", "nm"]
+        other = getattr(lazy, name)
+        other.compute()
+        np.testing.assert_allclose(other.data, got.data, equal_nan=True)
+    gap, low, high = (np.asarray(getattr(eager, n).data) for n in ("band_gap", "band_gap_low", "band_gap_high"))
+    valid = np.isfinite(gap)
+    assert valid.any()
+    assert np.all((low[valid] <= gap[valid]) & (gap[valid] <= high[valid]))
+    assert np.all((gap[valid] >= 1.0) & (gap[valid] <= 2.6 - 0.15))
+    assert eager.band_gap.metadata.Signal.quantity == "Band gap (eV)"
+    assert eager.direct().data.dtype == bool
+
+
+def test_band_gap_refuses_another_energy_axis_and_bad_options(flake_and_model):
+    from stemml_core.eels.bandgap import estimate_band_gap
+
+    signal, _, model = flake_and_model
+    with pytest.raises(ValueError, match="differs from the model's"):
+        estimate_band_gap(signal.isig[:5.0], model, window=(1.0, 2.6))
+    with pytest.raises(ValueError, match="window=\\(1.0, 12.0\\) eV is not inside the energy axis"):
+        estimate_band_gap(signal, model, window=(1.0, 12.0))
+    with pytest.raises(ValueError, match="min_found=2; expected a fraction"):
+        estimate_band_gap(signal, model, window=(1.0, 2.6), min_found=2)
+
+
+def test_resolution_from_a_zlp():
+    from stemml_core.eels.bandgap import resolution_from
+
+    energy = np.arange(-1.0, 3.0, 0.025)
+    zlp = np.exp(-0.5 * (energy / 0.04) ** 2)
+    kernel = resolution_from(zlp, energy, half_width=0.5)
+    assert kernel.size == 41 and kernel.sum() == pytest.approx(1.0) and np.argmax(kernel) == 20
+    with pytest.raises(ValueError, match="half_width=2.0 eV reaches past the energy axis"):
+        resolution_from(zlp, energy, half_width=2.0)
