@@ -23,7 +23,7 @@ import numpy as np
 from hyperspy.signal import BaseSignal
 from tqdm import tqdm  # text bars: no widget JavaScript in notebooks and the offline book
 
-__all__ = ["map_pixels"]
+__all__ = ["compute_map", "map_pixels", "navigation_map"]
 
 
 def _navigation_signal(data, source: BaseSignal, signal_axes: Sequence[dict], lazy: bool) -> BaseSignal:
@@ -129,3 +129,41 @@ def map_pixels(
     for start in tqdm(starts, desc=description, disable=not progress or len(starts) < 2, leave=False):
         out[start:start + block_pixels] = run(flat[start:start + block_pixels])
     return _navigation_signal(out.reshape(nav_shape + output_shape), signal, output_axes, lazy=False)
+
+
+def navigation_map(data, source: BaseSignal, *, title: str, quantity: str) -> BaseSignal:
+    """An in-memory map of ``data`` with ``source``'s navigation axes and no signal axis.
+
+    Parameters
+    ----------
+    data : array_like
+        Shape ``nav``: ``source``'s navigation shape in array order (rows, cols).
+    source : hyperspy.signal.BaseSignal
+        Signal whose navigation calibration (names, units, scale, offset) is copied.
+    title, quantity : str
+        ``metadata.General.title`` and ``metadata.Signal.quantity`` (with its unit in brackets).
+
+    Returns
+    -------
+    hyperspy.signal.BaseSignal
+    """
+    out = _navigation_signal(np.asarray(data), source, [], lazy=False)
+    out.metadata.General.title = title
+    out.metadata.set_item("Signal.quantity", quantity)
+    return out
+
+
+def compute_map(result: BaseSignal, *, progress: bool = True, description: str | None = None) -> np.ndarray:
+    """The data of a :func:`map_pixels` result as a numpy array.
+
+    A lazy result is computed band by band of its first navigation chunks, on whatever dask
+    scheduler is active, with a progress bar; memory stays bounded by one band of the input.
+    """
+    if not result._lazy:
+        return np.asarray(result.data)
+    data = result.data
+    bands = np.cumsum((0,) + data.chunks[0])
+    out = np.empty(data.shape, dtype=data.dtype)
+    for start, stop in tqdm(list(zip(bands[:-1], bands[1:])), desc=description, disable=not progress, leave=False):
+        out[start:stop] = data[start:stop].compute()
+    return out

@@ -70,7 +70,7 @@ sha256 = "{'0' * 64}"
 
 def test_project_registry_lists_the_book_samples():
     names = datasets.list_samples()
-    assert {"lowloss_flake", "strained_flake", "lowloss_spectrum"} <= set(names)
+    assert {"lowloss_flake", "strained_flake", "lowloss_spectrum", "twisted_bilayer"} <= set(names)
     assert all(names.values())
 
 

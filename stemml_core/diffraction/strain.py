@@ -19,24 +19,25 @@ component against):
 - **Rotation** ``theta = (F[0, 1] - F[1, 0]) / 2``, radians, counter-clockwise looking down the
   beam (counter-clockwise on the ``imshow`` display), in the scan frame.
 - **Reference.** ``G0`` is the element-wise median of the fitted bases over a reference region
-  (all fitted patterns by default), or a basis given by the caller.
+  (all fitted patterns by default, a mask, or the region :func:`reference_region` chooses from a
+  segmentation of the patterns), or a basis given by the caller.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-import hyperspy.api as hs
 import numpy as np
 from hyperspy.signal import BaseSignal
-from tqdm import tqdm  # text bars: no widget JavaScript in notebooks and the offline book
+from scipy import ndimage
 
-from stemml_core.blocks import map_pixels
+from stemml_core.blocks import compute_map, map_pixels, navigation_map
 from stemml_core.diffraction.disks import direct_beam, disk_radius, find_disks, fit_descan, probe_template
 from stemml_core.diffraction.lattice import FitStatus, fit_basis, index_vectors, lattice_basis
 from stemml_core.io import InputError, load_4dstem
+from stemml_core.segment import PatternSegmentation
 
-__all__ = ["StrainResult", "plot_strain", "strain_components", "strain_map"]
+__all__ = ["StrainResult", "plot_strain", "reference_region", "strain_components", "strain_map"]
 
 _SAMPLE_SIDE = 16
 """The global steps (disk radius, template, lattice) read a grid of at most 16 x 16 patterns."""
@@ -156,7 +157,8 @@ class StrainResult:
         ``(2, 2)`` reference basis ``G0``, same convention.
     reference : numpy.ndarray
         ``(rows, cols)`` bool, the scan positions whose median basis is ``G0`` (all False when
-        ``G0`` was given).
+        ``G0`` was given); the region :func:`reference_region` chose when the reference was a
+        segmentation.
     origin : numpy.ndarray
         ``(rows, cols, 2)`` measured direct-beam centre ``(row, col)``, detector px.
     descan : numpy.ndarray
@@ -190,16 +192,6 @@ class StrainResult:
             value = getattr(self, f.name)
             if isinstance(value, np.ndarray):
                 value.setflags(write=False)
-
-
-def _scan_map(data: np.ndarray, source: BaseSignal, title: str, quantity: str) -> BaseSignal:
-    """A signal of ``data`` (rows, cols) with ``source``'s scan axes and no signal axis."""
-    out = hs.signals.BaseSignal(data).T
-    for axis, template in zip(out.axes_manager.navigation_axes, source.axes_manager.navigation_axes):
-        axis.name, axis.units, axis.scale, axis.offset = template.name, template.units, template.scale, template.offset
-    out.metadata.General.title = title
-    out.metadata.set_item("Signal.quantity", quantity)
-    return out
 
 
 def _sample_indices(size: int) -> np.ndarray:
@@ -247,19 +239,6 @@ def _mean_aligned(patterns: np.ndarray, origins: np.ndarray) -> np.ndarray:
     return patterns[np.arange(len(patterns))[:, None, None], rows[:, :, None], cols[:, None, :]].mean(axis=0)
 
 
-def _computed(result: BaseSignal, progress: bool, description: str) -> np.ndarray:
-    """The data of a map_pixels result; a lazy one is computed band by band of navigation chunks
-    (bounded memory, any dask scheduler, a progress bar)."""
-    if not result._lazy:
-        return np.asarray(result.data)
-    data = result.data
-    bands = np.cumsum((0,) + data.chunks[0])
-    out = np.empty(data.shape, dtype=data.dtype)
-    for start, stop in tqdm(list(zip(bands[:-1], bands[1:])), desc=description, disable=not progress, leave=False):
-        out[start:stop] = data[start:stop].compute()
-    return out
-
-
 def _feasible_order(order: int, n_points: int) -> int:
     """The highest polynomial degree up to ``order`` with no more terms than ``n_points``."""
     while order > 0 and (order + 1) * (order + 2) // 2 > n_points:
@@ -267,8 +246,10 @@ def _feasible_order(order: int, n_points: int) -> int:
     return order
 
 
-def _checked_reference(reference, reference_basis, scan_shape) -> tuple[np.ndarray, np.ndarray | None]:
-    """The reference mask (rows, cols) and the given reference basis (or None), validated."""
+def _checked_reference(reference, reference_basis, scan_shape):
+    """The reference mask (rows, cols) or cluster labels (rows, cols), and the given reference
+    basis (or None), validated: ``(mask, labels, basis)`` with ``labels`` None unless clusters
+    were given."""
     if reference is not None and reference_basis is not None:
         raise ValueError("reference and reference_basis were both given; pass one (a mask or a basis), or neither.")
     if reference_basis is not None:
@@ -278,16 +259,103 @@ def _checked_reference(reference, reference_basis, scan_shape) -> tuple[np.ndarr
                 f"reference_basis {np.asarray(reference_basis).tolist()} is not a non-singular (2, 2) array; "
                 "expected columns g1, g2 in (kx, ky) of the scan frame, 1/nm."
             )
-        return np.zeros(scan_shape, dtype=bool), basis
+        return np.zeros(scan_shape, dtype=bool), None, basis
     if reference is None:
-        return np.ones(scan_shape, dtype=bool), None
-    mask = np.asarray(reference)
-    if mask.dtype != bool or mask.shape != scan_shape:
+        return np.ones(scan_shape, dtype=bool), None, None
+    array = np.asarray(reference.labels.data if isinstance(reference, PatternSegmentation) else reference)
+    if array.shape == scan_shape and array.dtype == bool:
+        return array, None, None
+    if array.shape == scan_shape and np.issubdtype(array.dtype, np.integer):
+        return np.ones(scan_shape, dtype=bool), array, None
+    raise ValueError(
+        f"reference is a {array.dtype} array of shape {array.shape}; expected a bool mask of the scan shape "
+        f"{scan_shape} (True where the lattice is the unstrained reference), a segmentation (segment_patterns) "
+        "or integer cluster labels of that shape, or None."
+    )
+
+
+def reference_region(labels, basis, status, *, erosion: int = 1) -> np.ndarray:
+    """The unstrained reference region chosen from a segmentation of the scan.
+
+    Parameters
+    ----------
+    labels : array_like
+        ``(rows, cols)`` int cluster of each scan position, e.g.
+        ``segment_patterns(...).labels.data``.
+    basis : array_like
+        ``(rows, cols, 2, 2)`` fitted reciprocal bases (``StrainResult.basis``), 1/nm.
+    status : array_like
+        ``(rows, cols)`` :class:`~stemml_core.diffraction.lattice.FitStatus` codes; 0 fitted.
+    erosion : int
+        Scan positions removed from the cluster's border (its probe reaches the next cluster);
+        0 keeps them.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(rows, cols)`` bool mask of the reference region.
+
+    Raises
+    ------
+    ValueError
+        Shapes that differ, or no cluster in which at least half of the patterns were fitted.
+
+    Notes
+    -----
+    The rule, in order:
+
+    1. A cluster is crystal when at least half of its patterns were fitted (status 0): vacuum
+       and clusters of patterns off the lattice are skipped.
+    2. The crystal cluster with the most fitted patterns is the reference grain (the lowest
+       label among equals).
+    3. Its fitted positions, less ``erosion`` positions along its border (kept whole when
+       erosion would leave nothing): a pattern at a border sees both sides under the probe.
+    4. The most uniform half: the positions whose basis differs least from the region's median
+       basis (largest absolute strain or rotation component relative to it, at most its median
+       over the region).
+
+    The reference is thus the typical lattice of the largest grain, robust to strained features
+    covering up to half of it. Choosing the reference from a clustering of the patterns
+    follows the idea of Shi et al. (npj Comput. Mater. 8, 114, 2022), who cluster
+    hierarchically; here one k-means level and a uniformity cut stand in for the hierarchy.
+
+    Examples
+    --------
+    >>> labels = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 1, 1]])
+    >>> basis = np.broadcast_to(np.eye(2), (3, 4, 2, 2)).copy()
+    >>> basis[0, 2] *= 1.01  # a strained pattern
+    >>> status = np.where(labels == 0, 1, 0)  # cluster 0 is vacuum
+    >>> reference_region(labels, basis, status, erosion=0).astype(int)
+    array([[0, 0, 0, 1],
+           [0, 0, 1, 1],
+           [0, 0, 1, 1]])
+    """
+    labels = np.asarray(labels)
+    basis = np.asarray(basis, dtype=float)
+    fitted = np.asarray(status) == FitStatus.OK
+    if basis.shape != labels.shape + (2, 2) or fitted.shape != labels.shape:
         raise ValueError(
-            f"reference is a {mask.dtype} array of shape {mask.shape}; expected a bool mask of the scan shape "
-            f"{scan_shape} (True where the lattice is the unstrained reference), or None."
+            f"labels {labels.shape}, basis {basis.shape} and status {fitted.shape} differ; expected (rows, cols), "
+            "(rows, cols, 2, 2) and (rows, cols)."
         )
-    return mask, None
+    clusters = np.unique(labels)
+    counts = np.array([fitted[labels == k].sum() for k in clusters])
+    crystal = counts >= 0.5 * np.array([(labels == k).sum() for k in clusters])
+    if not (crystal & (counts > 0)).any():
+        raise ValueError(
+            f"no cluster of {clusters.tolist()} has at least half of its patterns fitted (fitted per cluster: "
+            f"{counts.tolist()}); expected a crystal region. Pass a reference mask instead."
+        )
+    grain = labels == clusters[np.argmax(np.where(crystal, counts, -1))]
+    region = grain & fitted
+    if erosion > 0:
+        inner = ndimage.binary_erosion(grain, iterations=erosion, border_value=1) & fitted
+        region = inner if inner.any() else region
+    median = np.median(basis[region], axis=0)
+    deviation = np.max(np.abs(strain_components(basis[region], median)), axis=0)
+    mask = np.zeros(labels.shape, dtype=bool)
+    mask[region] = deviation <= np.median(deviation)
+    return mask
 
 
 def _probe(sample: np.ndarray, pixel_size: np.ndarray):
@@ -331,10 +399,12 @@ def strain_map(
     signal : hyperspy.signals.Signal2D
         ``(rows, cols | H, W)`` patterns, eager or lazy; scan axes in nm (or Å, pm, µm),
         detector axes in 1/nm (or 1/Å, 1/pm), checked by :func:`stemml_core.io.load_4dstem`.
-    reference : numpy.ndarray, optional
+    reference : numpy.ndarray or PatternSegmentation, optional
         ``(rows, cols)`` bool mask of the unstrained reference region; its fitted patterns'
-        median basis is ``G0``. None: the median over every fitted pattern (right when most of
-        the crystal is unstrained).
+        median basis is ``G0``. A segmentation (:func:`~stemml_core.segment.segment_patterns`)
+        or an int ``(rows, cols)`` label map: the region is chosen by :func:`reference_region`
+        after the fit. None: the median over every fitted pattern (right when most of the
+        crystal is unstrained).
     reference_basis : array_like, optional
         ``(2, 2)`` reference basis ``G0`` (columns ``g1``, ``g2`` in ``(kx, ky)`` of the scan
         frame, 1/nm), e.g. from a calibration; it also indexes the disks. Exclusive with
@@ -385,7 +455,8 @@ def strain_map(
        basis with a free offset per pattern (all orders; intensities as weights).
     3. The direct-beam centres (brightest disk) are fitted by a robust polynomial (descan, for
        the record: the free offset keeps descan out of the strain); ``G0`` is the median basis
-       over the reference; ``F``, ``eps`` and ``theta`` follow the module docstring.
+       over the reference (chosen by :func:`reference_region` when ``reference`` is a
+       segmentation); ``F``, ``eps`` and ``theta`` follow the module docstring.
 
     A direct beam clipped at a detector ceiling is refused: integer data that reach their dtype's
     maximum, or count data (integer values) whose direct beam has a flat top (more than a quarter
@@ -408,7 +479,7 @@ def strain_map(
     signal = load_4dstem(signal)
     scan_shape = tuple(signal.axes_manager.navigation_shape[::-1])
     pixel_size = np.array([axis.scale for axis in signal.axes_manager.signal_axes[::-1]])  # (ky, kx) 1/nm
-    mask, reference_basis = _checked_reference(reference, reference_basis, scan_shape)
+    mask, labels, reference_basis = _checked_reference(reference, reference_basis, scan_shape)
 
     sample = _sample(signal)
     radius, beam, crystal, template = _probe(sample, pixel_size)
@@ -451,7 +522,7 @@ def strain_map(
         index_tolerance=index_tolerance,
         device=device,
     )
-    values = _computed(fitted, progress, "Disks and lattice")
+    values = compute_map(fitted, progress=progress, description="Disks and lattice")
     basis = values[..., :4].reshape(scan_shape + (2, 2))
     origin = values[..., 4:6]
     status = values[..., 8].astype(np.uint8)
@@ -461,16 +532,19 @@ def strain_map(
         raise ValueError(f"no pattern could be fitted (reason codes {codes}); expected Bragg disks of one crystal.")
 
     if reference_basis is None:
+        if labels is not None:
+            mask = reference_region(labels, basis, status)
+        selected = int(mask.sum())
         mask = mask & ok
         if not mask.any():
             raise ValueError(
-                f"reference selects {int(np.sum(reference))} scan positions, none of them fitted (status 0); "
+                f"reference selects {selected} scan positions, none of them fitted (status 0); "
                 "expected a region of crystal. Check result.status or choose another region."
             )
         reference_basis = np.median(basis[mask], axis=0)
     components = strain_components(basis, reference_basis)
     maps = [
-        _scan_map(component, signal, title, quantity)
+        navigation_map(component, signal, title=title, quantity=quantity)
         for component, title, quantity in zip(
             components,
             ("Strain exx", "Strain eyy", "Strain exy", "Rotation theta"),
@@ -479,9 +553,9 @@ def strain_map(
     ]
     return StrainResult(
         *maps,
-        residual=_scan_map(values[..., 6], signal, "Lattice fit residual", "Residual (1/nm)"),
-        n_disks=_scan_map(values[..., 7].astype(int), signal, "Disks in the fit", "Disks"),
-        status=_scan_map(status, signal, "Fit status", "Reason code"),
+        residual=navigation_map(values[..., 6], signal, title="Lattice fit residual", quantity="Residual (1/nm)"),
+        n_disks=navigation_map(values[..., 7].astype(int), signal, title="Disks in the fit", quantity="Disks"),
+        status=navigation_map(status, signal, title="Fit status", quantity="Reason code"),
         basis=basis,
         reference_basis=np.asarray(reference_basis, dtype=float),
         reference=mask,

@@ -5,7 +5,13 @@ Every generator returns ``(signal, truth)`` and never imports the analyses of
 independently of the estimators it tests.
 """
 
-from stemml_core.synthetic.diffraction import LayerStrain, StrainTruth, simulate_4dstem, strained_flake
+from stemml_core.synthetic.diffraction import (
+    LayerStrain,
+    StrainTruth,
+    simulate_4dstem,
+    strained_flake,
+    twisted_bilayer,
+)
 from stemml_core.synthetic.lowloss import LowLossTruth, flake_sample, simulate_lowloss, single_spectrum
 
 __all__ = [
@@ -17,4 +23,5 @@ __all__ = [
     "simulate_lowloss",
     "single_spectrum",
     "strained_flake",
+    "twisted_bilayer",
 ]

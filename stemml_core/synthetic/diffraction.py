@@ -52,6 +52,7 @@ __all__ = [
     "hexagonal_reciprocal_basis",
     "simulate_4dstem",
     "strained_flake",
+    "twisted_bilayer",
 ]
 
 LATTICE_CONSTANTS = {"MoS2": 0.316, "WS2": 0.315}
@@ -72,6 +73,11 @@ _FLAKE_FEATURES = (
 )
 _FLAKE_FEATURE_WIDTH = 0.06
 _FLAKE_REFERENCE = "x < 0.35 * field width and y > 0.7 * field height (bottom-left corner)"
+# Twisted bilayer: features of the second layer's F2 - F1 (a local twist, a heterostrain), same form.
+_BILAYER_FEATURES = (
+    ("theta", float(np.deg2rad(0.3)), (0.5, 0.6)),
+    ("exx", 0.005, (0.8, 0.3)),
+)
 
 
 @dataclass(frozen=True)
@@ -213,6 +219,27 @@ class StrainTruth:
             self.params["scan_rotation_deg"],
             self.params["k_pixel_size_inv_nm"],
         )
+
+    def twist_angle(self, *, averaged: bool = True) -> np.ndarray:
+        """Local twist of the second layer relative to the first.
+
+        Parameters
+        ----------
+        averaged : bool
+            From the probe-averaged ``F`` of each layer (what the patterns show) rather than ``F``
+            at the probe centre.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(rows, cols)`` degrees, counter-clockwise: the rotation of the polar decomposition
+            of ``G2 G1^-1`` (``G`` the local reciprocal bases), ``atan2(M01 - M10, M00 + M11)``;
+            to first order ``twist_deg + degrees(theta2 - theta1)``. NaN in vacuum.
+        """
+        first = self.reciprocal_basis(averaged=averaged, layer=1)
+        relation = self.reciprocal_basis(averaged=averaged, layer=2) @ np.linalg.inv(first)
+        turned = relation[..., 0, 1] - relation[..., 1, 0]
+        return np.degrees(np.arctan2(turned, relation[..., 0, 0] + relation[..., 1, 1]))
 
     def _layer(self, layer: int):
         if layer == 1:
@@ -845,22 +872,28 @@ def simulate_4dstem(
     return signal, truth
 
 
+def _gaussian_features(features, height, width, sigma):
+    """``f(y, x)`` (nm) -> (ny, nx, 2, 2) sum of Gaussian bumps, each in one component of ``F - I``."""
+
+    def gradient(y, x):
+        parts = dict.fromkeys(("exx", "eyy", "exy", "theta"), np.zeros(np.shape(x)))
+        for component, amplitude, (u, v) in features:
+            bump = np.exp(-((x - u * width) ** 2 + (y - v * height) ** 2) / (2 * sigma**2))
+            parts[component] = parts[component] + amplitude * bump
+        return _gradient_from_components(**parts)
+
+    return gradient
+
+
 def _flake_fields(scan_shape, scan_step):
     """Displacement gradient and vacuum callables of the default flake, coordinates in nm."""
     height, width = scan_shape[0] * scan_step, scan_shape[1] * scan_step
     sigma = _FLAKE_FEATURE_WIDTH * min(height, width)
 
-    def gradient(y, x):
-        parts = dict.fromkeys(("exx", "eyy", "exy", "theta"), np.zeros(np.shape(x)))
-        for component, amplitude, (u, v) in _FLAKE_FEATURES:
-            bump = np.exp(-((x - u * width) ** 2 + (y - v * height) ** 2) / (2 * sigma**2))
-            parts[component] = parts[component] + amplitude * bump
-        return _gradient_from_components(**parts)
-
     def vacuum(y, x):
         return y < height * (0.15 + 0.05 * np.sin(2 * np.pi * x / width))
 
-    return gradient, vacuum, sigma
+    return _gaussian_features(_FLAKE_FEATURES, height, width, sigma), vacuum, sigma
 
 
 def strained_flake(
@@ -937,6 +970,85 @@ def strained_flake(
     params = truth.params | {
         "sample": "strained_flake",
         "flake_features": features,
+        "flake_feature_sigma_nm": sigma,
+        "flake_reference_region": _FLAKE_REFERENCE,
+    }
+    return signal, replace(truth, params=params)
+
+
+def twisted_bilayer(
+    scan_shape: tuple[int, int] = (24, 24),
+    *,
+    twist: float = 25.0,
+    detector_shape: tuple[int, int] = (128, 128),
+    dose: float | None = 1e6,
+    random_state: int | np.random.Generator | None = 0,
+    scan_step: float = 1.0,
+    **kwargs,
+) -> tuple[hs.signals.Signal2D, StrainTruth]:
+    """The strained flake as a twisted bilayer, with a local twist and a heterostrain of its own.
+
+    Both layers share the deformation of :func:`strained_flake` (same vacuum edge, same four
+    features, same unstrained bottom-left corner); the second is turned by ``twist`` degrees and
+    carries two more Gaussian features of ``F2 - F1`` (width 0.06 of the smaller side): a local
+    extra twist of +0.3 degrees at ``(x, y) = (0.5, 0.6)`` and a heterostrain ``exx = +0.5 %`` at
+    ``(0.8, 0.3)`` of the field of view. At 25 degrees the layers' first-order disks are 12.6 px
+    apart on the default detector (1.5 mrad on MoS2: they overlap below about 19 degrees).
+
+    Parameters
+    ----------
+    scan_shape : tuple of int
+        ``(rows, cols)`` scan positions.
+    twist : float
+        Twist of the second layer's reference, degrees, counter-clockwise.
+    detector_shape : tuple of int
+        ``(H, W)`` detector pixels.
+    dose : float or None
+        Expected electrons per pattern; None for noise-free patterns summing to 1.
+    random_state : int, numpy.random.Generator or None
+        Seed of the Poisson noise.
+    scan_step : float
+        Scan step, nm.
+    **kwargs
+        Passed to :func:`simulate_4dstem` (for example ``lattice="WS2"``, ``scan_rotation``).
+
+    Returns
+    -------
+    signal : hyperspy.signals.Signal2D
+        ``(rows, cols, H, W)`` float32, calibrated as in :func:`simulate_4dstem`.
+    truth : StrainTruth
+        Ground truth with ``second_layer``; :meth:`StrainTruth.twist_angle` gives the local twist.
+
+    Examples
+    --------
+    >>> signal, truth = twisted_bilayer((12, 12), detector_shape=(64, 64), dose=None)
+    >>> twist = truth.twist_angle(averaged=False)
+    >>> round(float(np.nanmin(twist)), 3), round(float(np.nanmax(twist)), 1)
+    (25.0, 25.3)
+    """
+    height, width = scan_shape[0] * scan_step, scan_shape[1] * scan_step
+    gradient, vacuum, sigma = _flake_fields(scan_shape, scan_step)
+    signal, truth = simulate_4dstem(
+        gradient,
+        scan_shape=scan_shape,
+        vacuum=vacuum,
+        scan_step=scan_step,
+        detector_shape=detector_shape,
+        dose=dose,
+        twist=twist,
+        heterostrain=_gaussian_features(_BILAYER_FEATURES, height, width, sigma),
+        random_state=random_state,
+        **kwargs,
+    )
+    lattice_name = truth.params["lattice"]
+    signal.metadata.General.title = f"Synthetic twisted {lattice_name} bilayer (4D-STEM)"
+    described = [{"component": c, "amplitude": amp, "centre_xy_fraction": centre} for c, amp, centre in _FLAKE_FEATURES]
+    heterostrain = [{"component": c, "amplitude": amp, "centre_xy_fraction": centre}
+                    for c, amp, centre in _BILAYER_FEATURES]
+    params = truth.params | {
+        "sample": "twisted_bilayer",
+        "flake_features": described,
+        "heterostrain_features": heterostrain,
         "flake_feature_sigma_nm": sigma,
         "flake_reference_region": _FLAKE_REFERENCE,
     }

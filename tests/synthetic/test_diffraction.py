@@ -15,6 +15,7 @@ from stemml_core.synthetic.diffraction import (
     hexagonal_reciprocal_basis,
     simulate_4dstem,
     strained_flake,
+    twisted_bilayer,
 )
 
 G_FIRST = 2 / (np.sqrt(3) * 0.316)  # |g| of MoS2 {1 0}, 1/nm
@@ -261,6 +262,39 @@ def test_heterostrain_of_the_second_layer():
     np.testing.assert_allclose((truth.second_layer.exx - truth.exx)[crystal], 0.004, atol=1e-12)
     np.testing.assert_allclose((truth.second_layer.eyy_avg - truth.eyy_avg)[crystal], -0.002, atol=1e-9)
     np.testing.assert_allclose(truth.second_layer.theta[crystal], truth.theta[crystal])
+
+
+def test_twist_angle_of_the_truth():
+    """The exact polar rotation of G2 G1^-1 agrees with the first-order twist + theta2 - theta1."""
+    heterostrain = np.array([[0.003, 0.002], [-0.002, -0.001]])  # theta2 - theta1 = 0.002 rad
+    _, truth = strained_flake((8, 8), detector_shape=(48, 48), dose=None, twist=25.0, heterostrain=heterostrain)
+    first_order = 25.0 + np.degrees(truth.second_layer.theta_avg - truth.theta_avg)
+    np.testing.assert_allclose(truth.twist_angle(), first_order, atol=2e-3)
+    assert np.isnan(truth.twist_angle()[truth.vacuum]).all()
+    _, single = strained_flake((4, 4), detector_shape=(48, 48), dose=None)
+    with pytest.raises(ValueError, match="layer=2 does not exist"):
+        single.twist_angle()
+
+
+def test_twisted_bilayer_layout():
+    """Both layers share the flake's features; the second adds +0.3 degrees of twist at (0.5, 0.6)
+    and exx = +0.5 % at (0.8, 0.3) of the field; the reference corner is unstrained in both."""
+    signal, truth = twisted_bilayer((24, 24), detector_shape=(48, 48), dose=None)
+    rows, cols = truth.vacuum.shape
+    twist = truth.twist_angle(averaged=False)
+    assert np.nanmax(twist) - 25.0 == pytest.approx(0.3, abs=0.015)  # sampled 0.4 nm off its centre
+    assert np.unravel_index(np.nanargmax(twist), twist.shape) == (round(0.6 * rows), round(0.5 * cols))
+    difference = truth.second_layer.exx - truth.exx
+    assert np.nanmax(difference) == pytest.approx(0.005, abs=2e-4)
+    assert np.unravel_index(np.nanargmax(difference), difference.shape) == (round(0.3 * rows), round(0.8 * cols))
+    np.testing.assert_allclose(truth.eyy, truth.second_layer.eyy)
+    reference = (slice(int(0.7 * rows) + 1, None), slice(0, int(0.35 * cols)))
+    for layer in (truth, truth.second_layer):
+        for name in ("exx_avg", "eyy_avg", "exy_avg", "theta_avg"):
+            assert np.abs(getattr(layer, name)[reference]).max() < 1e-4
+    np.testing.assert_allclose(truth.twist_angle()[reference], 25.0, atol=0.005)
+    assert truth.params["sample"] == "twisted_bilayer" and truth.twist_deg == 25.0
+    assert signal.metadata.General.title == "Synthetic twisted MoS2 bilayer (4D-STEM)"
 
 
 def test_default_flake_layout():

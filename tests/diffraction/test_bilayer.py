@@ -1,0 +1,216 @@
+"""Twisted bilayers: the joint fit against the forward model, twist and per-layer strain, small
+twists whose disks overlap, eager and lazy, bad input."""
+
+import numpy as np
+import pytest
+
+from stemml_core.diffraction import (
+    BilayerResult,
+    FitStatus,
+    bilayer_strain_map,
+    direct_beam,
+    disk_radius,
+    fit_lattices,
+    probe_template,
+    twist_angle,
+)
+from stemml_core.metrics import regression
+from stemml_core.segment import segment_patterns
+from stemml_core.synthetic import simulate_4dstem, twisted_bilayer
+from stemml_core.synthetic.diffraction import hexagonal_reciprocal_basis
+
+COMPONENTS = ("exx", "eyy", "exy", "theta")
+TO_DETECTOR = np.array([[0.0, 8.0], [8.0, 0.0]])  # (row, col) px per (kx, ky) 1/nm: 0.125 1/nm pixels
+
+
+def rotation(degrees):
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    return np.array([[c, s], [-s, c]])
+
+
+def lattice_points(basis_px, reach=96.0):
+    """Every disk within ``reach`` px of the direct beam: all that reach the 128 x 128 detector."""
+    hk = np.array([(h, k) for h in range(-6, 7) for k in range(-6, 7) if h or k])
+    return hk[np.linalg.norm(hk @ basis_px.T, axis=1) <= reach]
+
+
+def test_twist_angle_is_the_rotation_of_the_polar_decomposition():
+    g0 = hexagonal_reciprocal_basis(0.316)
+    stretch = np.array([[1.01, 0.003], [0.003, 0.995]])  # a heterostrain does not change the twist
+    assert float(twist_angle(g0, rotation(25.0) @ stretch @ g0)) == pytest.approx(25.0, abs=1e-12)
+    assert float(twist_angle(g0, rotation(-3.0) @ g0)) == pytest.approx(-3.0, abs=1e-12)
+    stack = np.stack([rotation(a) @ g0 for a in (1.0, 2.0, 3.0)])
+    np.testing.assert_allclose(twist_angle(g0, stack), [1.0, 2.0, 3.0], atol=1e-12)
+    assert twist_angle(np.broadcast_to(g0, (4, 5, 2, 2)), rotation(7.0) @ g0).shape == (4, 5)
+
+
+@pytest.mark.parametrize("twist", [None, 25.0, 10.0, 3.0])
+def test_joint_fit_recovers_noise_free_lattices(twist):
+    """Both lattices of noise-free patterns (one half of the scan strained) within 2e-4 of the
+    forward model (largest element, relative), the twist within 0.005 degrees: also at 3 degrees,
+    where each first-order disk overlaps its partner of the other layer (1.5 px apart, radius
+    4.8 px). The floor is the Fourier-shifted template's mismatch with the undersampled disk edges
+    (a few thousandths of a pixel per disk; the strain tests of strain_map allow 1.5e-4 alike).
+    Every disk sits on its lattice (misfit in px)."""
+    gradient = np.zeros((2, 4, 2, 2))
+    gradient[:, 2:] = [[0.01, 0.002], [0.0, -0.005]]
+    signal, truth = simulate_4dstem(gradient, twist=twist, dose=None, descan=1.0)
+    vacuum, _ = simulate_4dstem(np.zeros((1, 2, 2, 2)), vacuum=np.ones((1, 2), bool), dose=None, descan=1.0)
+    patterns, direct = signal.data.reshape(-1, 128, 128), vacuum.data.reshape(-1, 128, 128)
+    radius = disk_radius(direct)
+    template = probe_template(direct, direct_beam(direct, radius).origin, radius)
+    layers = (1,) if twist is None else (1, 2)
+    references = [truth.reference_basis] + ([truth.second_layer.reference_basis] if twist else [])
+    start = np.stack([TO_DETECTOR @ basis for basis in references])
+    fit = fit_lattices(patterns, template, direct_beam(patterns, radius).origin, start,
+                       [lattice_points(basis) for basis in start])
+    bases = np.linalg.inv(TO_DETECTOR) @ fit.bases
+    for index, layer in enumerate(layers):
+        expected = truth.reciprocal_basis(layer=layer).reshape(-1, 2, 2)
+        assert np.abs(bases[:, index] - expected).max() / np.linalg.norm(expected[0, :, 0]) < 2e-4
+    np.testing.assert_allclose(fit.origin, truth.origin.reshape(-1, 2), atol=0.01)
+    if twist is not None:
+        expected = truth.twist_angle().ravel()
+        np.testing.assert_allclose(twist_angle(bases[:, 0], bases[:, 1]), expected, atol=0.005)
+    assert (fit.n_iterations <= 6).all()
+    misfit = np.linalg.norm(fit.misfit, axis=-1)  # px; measured: weighted RMS 0.003, largest 0.02
+    assert np.sqrt(np.nansum(fit.amplitude * misfit**2) / fit.amplitude[fit.valid].sum()) < 0.005
+    bragg = fit.amplitude[:, 1:]
+    assert misfit[:, 1:][bragg > 0.1 * bragg.max()].max() < 0.03  # not slivers at the detector's edge
+
+
+@pytest.fixture(scope="module")
+def bilayer():
+    """The registry's twisted bilayer (24 x 24 scan, 25 degrees, 1e6 electrons, seed 0), its
+    segmentation into specimen and vacuum, and the joint fit with the automatic reference."""
+    signal, truth = twisted_bilayer(dose=1e6, random_state=0)
+    segmentation = segment_patterns(signal, n_clusters=2, random_state=0, progress=False)
+    return signal, truth, bilayer_strain_map(signal, reference=segmentation, progress=False)
+
+
+def test_twist_map_meets_the_goal(bilayer):
+    """Issue 7: the twist within 0.05 degrees of the truth (probe-averaged), here as an RMSE of
+    at most 0.025 degrees and 98 % of the positions within 0.05 degrees; the local twist
+    feature (+0.3 degrees) is recovered with slope and correlation near 1. Measured with seed 0:
+    RMSE 0.0125 degrees, largest error 0.041, slope 0.976, correlation 0.92."""
+    _, truth, result = bilayer
+    assert isinstance(result, BilayerResult)
+    crystal = ~truth.vacuum
+    estimate, expected = result.twist_angle.data[crystal], truth.twist_angle()[crystal]
+    scores = regression(estimate, expected)
+    report = f"twist: {scores}"
+    assert scores["rmse"] <= 0.025, report
+    assert np.mean(np.abs(estimate - expected) <= 0.05) >= 0.98, report
+    assert 0.9 <= scores["slope"] <= 1.1 and scores["correlation"] >= 0.85, report
+    assert result.reference_twist == pytest.approx(25.0, abs=0.01)
+    assert result.twist_angle.metadata.Signal.quantity == "Twist angle (deg)"
+
+
+def test_each_layer_meets_the_strain_goal(bilayer):
+    """Each layer against its own probe-averaged truth (the second carries a heterostrain and a
+    local twist of its own): RMSE at most 5e-4 (0.02 degrees of rotation), slope 0.97-1.03.
+    Measured with seed 0: RMSE 1.6-2.7e-4, rotation 0.009-0.010 degrees, slopes 0.991-1.005."""
+    _, truth, result = bilayer
+    crystal = ~truth.vacuum
+    for layer, layer_truth in zip(result.layers, (truth, truth.second_layer)):
+        for name in COMPONENTS:
+            scores = regression(getattr(layer, name).data[crystal], getattr(layer_truth, name + "_avg")[crystal])
+            rmse = scores["rmse"] * (np.degrees(1) if name == "theta" else 1)
+            report = f"{getattr(layer, name).metadata.General.title}: {scores}"
+            assert rmse <= (0.02 if name == "theta" else 5e-4), report
+            assert 0.97 <= scores["slope"] <= 1.03, report
+
+
+def test_vacuum_reference_and_shared_maps(bilayer):
+    signal, truth, result = bilayer
+    first, second = result.layers
+    for layer in result.layers:
+        np.testing.assert_array_equal(layer.status.data == FitStatus.NO_DISKS, truth.vacuum)
+        assert np.isnan(layer.exx.data[truth.vacuum]).all() and np.isfinite(layer.exx.data[~truth.vacuum]).all()
+        assert (layer.n_disks.data[~truth.vacuum] >= 15).all()
+        assert np.nanmedian(layer.residual.data) < 0.01  # 1/nm: the disks sit on their lattices
+    assert np.isnan(result.twist_angle.data[truth.vacuum]).all()
+    assert not (first.reference & truth.vacuum).any() and first.reference.sum() > 0.3 * (~truth.vacuum).sum()
+    assert first.origin is second.origin and first.reference is second.reference
+    np.testing.assert_allclose(first.origin[~truth.vacuum], truth.origin[~truth.vacuum], atol=0.02)
+    assert [(a.name, a.units) for a in result.twist_angle.axes_manager.navigation_axes] == [
+        (a.name, a.units) for a in signal.axes_manager.navigation_axes]
+    assert 1 < np.nanmedian(result.residual.data[~truth.vacuum]) < 5  # Poisson noise plus template ringing
+
+
+@pytest.mark.parametrize("twist", [10.0, 3.0])
+def test_small_twists_are_found_without_a_guess(twist):
+    """Overlapping disks: at 10 degrees the first orders are 5.1 px apart, at 3 degrees 1.5 px
+    (radius 4.8 px). The mean pattern's fit finds the twist on its own; at 1e6 electrons each
+    pattern's twist is within a few hundredths of a degree. Measured (6 x 6, seed 1): RMSE
+    0.011 degrees at 10, 0.015 at 3."""
+    signal, truth = simulate_4dstem(np.zeros((6, 6, 2, 2)), twist=twist, dose=1e6, random_state=1)
+    result = bilayer_strain_map(signal, progress=False)
+    assert result.reference_twist == pytest.approx(twist, abs=0.01)
+    error = result.twist_angle.data - truth.twist_angle()
+    assert np.sqrt(np.mean(error**2)) <= 0.03 and np.abs(error).max() <= 0.08
+
+
+def test_a_guess_gives_the_same_result():
+    signal, _ = simulate_4dstem(np.zeros((4, 4, 2, 2)), twist=3.0, dose=1e6, random_state=2)
+    searched = bilayer_strain_map(signal, progress=False)
+    guessed = bilayer_strain_map(signal, twist=5.0, progress=False)
+    np.testing.assert_allclose(guessed.twist_angle.data, searched.twist_angle.data, atol=1e-6)
+
+
+def test_eager_and_lazy_give_the_same_maps():
+    """Also a given reference mask: the median over its positions fitted in both layers."""
+    signal, truth = twisted_bilayer((8, 8), detector_shape=(96, 96), dose=1e6, random_state=1)
+    mask = np.zeros((8, 8), bool)
+    mask[5:, :3] = True
+    eager = bilayer_strain_map(signal, reference=mask, block_pixels=16, progress=False)
+    np.testing.assert_array_equal(eager.layers[0].reference, mask & ~truth.vacuum)
+    for layer in eager.layers:
+        np.testing.assert_allclose(layer.reference_basis, np.median(layer.basis[mask], axis=0))
+    lazy_signal = signal.as_lazy()
+    lazy_signal.data = lazy_signal.data.rechunk((3, 5, -1, -1))
+    lazy = bilayer_strain_map(lazy_signal, reference=mask, progress=False)
+    np.testing.assert_array_equal(lazy.twist_angle.data, eager.twist_angle.data)
+    for mine, theirs in zip(lazy.layers, eager.layers):
+        for name in COMPONENTS + ("residual",):
+            np.testing.assert_array_equal(getattr(mine, name).data, getattr(theirs, name).data)
+
+
+def test_a_single_layer_is_refused():
+    signal, _ = simulate_4dstem(np.zeros((4, 4, 2, 2)), detector_shape=(96, 96), dose=1e6, random_state=0)
+    with pytest.raises(ValueError, match=r"Bragg intensity is shared .* expected two layers .* Use strain_map"):
+        bilayer_strain_map(signal, progress=False)
+
+
+def test_bad_arguments_are_named():
+    signal, _ = simulate_4dstem(np.zeros((2, 2, 2, 2)), twist=25.0, detector_shape=(96, 96), dose=None)
+    with pytest.raises(ValueError, match="twist=0.0 degrees; expected the approximate twist angle"):
+        bilayer_strain_map(signal, twist=0.0, progress=False)
+    with pytest.raises(ValueError, match=r"reference is a float64 array of shape \(2, 3\)"):
+        bilayer_strain_map(signal, reference=np.ones((2, 3)), progress=False)
+    patterns, template = signal.data[0], np.ones((18, 18))
+    with pytest.raises(ValueError, match=r"patterns has shape \(96, 96\); expected \(n, H, W\)"):
+        fit_lattices(patterns[0], template, [[48, 48]], np.eye(2)[None], [[(1, 0)]])
+    with pytest.raises(ValueError, match=r"origin \(1, 2\) and bases \(1, 2, 2\) for 2 patterns and 1 layers"):
+        fit_lattices(patterns, template, [[48, 48]], np.eye(2)[None], [[(1, 0)]])
+    with pytest.raises(ValueError, match=r"indices hold \(0, 0\)"):
+        fit_lattices(patterns, template, [[48, 48]] * 2, np.eye(2)[None], [[(1, 0), (0, 0)]])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("twist", [25.0, 10.0, 3.0])
+def test_twisted_bilayer_accuracy_across_seeds_and_twists(seed, twist):
+    """The registry sample at other seeds and twists, the reference chosen by segmentation."""
+    signal, truth = twisted_bilayer(twist=twist, dose=1e6, random_state=seed)
+    segmentation = segment_patterns(signal, n_clusters=2, random_state=0, progress=False)
+    result = bilayer_strain_map(signal, reference=segmentation, progress=False)
+    crystal = ~truth.vacuum
+    scores = regression(result.twist_angle.data[crystal], truth.twist_angle()[crystal])
+    assert scores["rmse"] <= 0.03 and scores["correlation"] >= 0.8, scores
+    for layer, layer_truth in zip(result.layers, (truth, truth.second_layer)):
+        for name in COMPONENTS:
+            scores = regression(getattr(layer, name).data[crystal], getattr(layer_truth, name + "_avg")[crystal])
+            rmse = scores["rmse"] * (np.degrees(1) if name == "theta" else 1)
+            assert rmse <= (0.02 if name == "theta" else 6e-4), (name, scores)
+            assert 0.95 <= scores["slope"] <= 1.05, (name, scores)
