@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.signal import fftconvolve
 
+from .thickness import ReplicaInterval
+
 __all__ = ["BandGapResult", "OnsetFit", "estimate_band_gap", "fit_onset", "resolution_from"]
 
 #: Exponent below which a gap is reported as direct (halfway between 0.5 and 1.5).
@@ -290,24 +292,24 @@ def _vertex_offsets(local, lu, lv, ig, ib, grid_shape):
 # HyperSpy-aware wrapper: one fit per pixel and ZLP replica
 # --------------------------------------------------------------------------
 
-#: Quantities per pixel returned by :func:`estimate_band_gap`'s block function.
-_OUTPUTS = ("band_gap", "band_gap_low", "band_gap_high", "exponent", "exponent_low", "exponent_high",
-            "found_fraction")
+#: Per pixel, :func:`estimate_band_gap`'s block function returns Eg and b at these percentiles
+#: (median, 68 % interval), then the fraction of replicas with an onset.
+_PERCENTILES = (50, 16, 84)
 
 
 @dataclass(frozen=True)
 class BandGapResult:
     """Band-gap maps with intervals over the ZLP replicas.
 
-    Every field is a HyperSpy signal with the input's navigation axes (lazy
+    Every map is a HyperSpy signal with the input's navigation axes (lazy
     when the input was lazy); NaN where fewer than ``min_found`` of the
     replicas show a significant onset.
 
     Attributes
     ----------
-    band_gap, band_gap_low, band_gap_high : hyperspy.signal.BaseSignal
+    band_gap : ReplicaInterval
         Median, 16th and 84th percentile of Eg over the replicas, eV.
-    exponent, exponent_low, exponent_high : hyperspy.signal.BaseSignal
+    exponent : ReplicaInterval
         The same for the onset exponent b (0.5 direct, 1.5 indirect).
     found_fraction : hyperspy.signal.BaseSignal
         Fraction of the replicas with a significant onset in the window.
@@ -315,18 +317,14 @@ class BandGapResult:
         Energy-loss window of the fits, eV.
     """
 
-    band_gap: object
-    band_gap_low: object
-    band_gap_high: object
-    exponent: object
-    exponent_low: object
-    exponent_high: object
+    band_gap: ReplicaInterval
+    exponent: ReplicaInterval
     found_fraction: object
     window: tuple
 
     def direct(self):
         """True where the gap is direct (median exponent below 1), as a navigation map."""
-        out = self.exponent < DIRECT_INDIRECT_THRESHOLD
+        out = self.exponent.median < DIRECT_INDIRECT_THRESHOLD
         out.metadata.General.title = "Direct band gap"
         return out
 
@@ -352,11 +350,11 @@ def _band_gap_block(block, *, model, energy, window, resolution, exponents, min_
     exponent = fit.exponent.reshape(n_rep, n)
     found = fit.found.reshape(n_rep, n).mean(axis=0)
     enough = found >= min_found
-    out = np.full((n, len(_OUTPUTS)), np.nan)
+    out = np.full((n, 2 * len(_PERCENTILES) + 1), np.nan)
     if enough.any():
         with np.errstate(all="ignore"):
-            out[enough, 0:3] = np.nanpercentile(gap[:, enough], (50, 16, 84), axis=0).T
-            out[enough, 3:6] = np.nanpercentile(exponent[:, enough], (50, 16, 84), axis=0).T
+            out[enough, 0:3] = np.nanpercentile(gap[:, enough], _PERCENTILES, axis=0).T
+            out[enough, 3:6] = np.nanpercentile(exponent[:, enough], _PERCENTILES, axis=0).T
     out[:, 6] = found
     return out
 
@@ -420,18 +418,25 @@ def estimate_band_gap(signal, model, *, window, resolution=None, exponents=None,
         resolution = np.asarray(resolution, dtype=np.float64)
     # validate the window and grids once, before any block runs
     fit_onset(np.zeros((1, energy.size)), energy, window=window, exponents=exponents, resolution=resolution)
-    out = map_pixels(signal, _band_gap_block, output_shape=(len(_OUTPUTS),), block_pixels=block_pixels,
-                     progress=progress, description="band gap", model=model, energy=energy,
-                     window=tuple(window), resolution=resolution, exponents=exponents, min_found=min_found)
-    maps = {}
-    units = {"band_gap": "eV", "exponent": ""}
-    for index, name in enumerate(_OUTPUTS):
-        quantity = name.split("_low")[0].split("_high")[0]
-        item = out.isig[index]
-        item = item.transpose(signal_axes=0) if item.axes_manager.signal_dimension else item
-        item.metadata.General.title = name.replace("_", " ")
-        unit = units.get(quantity, "")
-        item.metadata.set_item("Signal.quantity", f"{quantity.replace('_', ' ').capitalize()}"
-                               + (f" ({unit})" if unit else ""))
-        maps[name] = item
-    return BandGapResult(window=tuple(window), **maps)
+    out = map_pixels(signal, _band_gap_block, output_shape=(2 * len(_PERCENTILES) + 1,),
+                     block_pixels=block_pixels, progress=progress, description="band gap", model=model,
+                     energy=energy, window=tuple(window), resolution=resolution, exponents=exponents,
+                     min_found=min_found)
+
+    def item(index, title, quantity):
+        one = out.isig[index]
+        one = one.transpose(signal_axes=0) if one.axes_manager.signal_dimension else one
+        one.metadata.General.title = title
+        one.metadata.set_item("Signal.quantity", quantity)
+        return one
+
+    def interval(first, name, quantity):
+        return ReplicaInterval(*(item(first + i, f"{name} ({label})", quantity)
+                                 for i, label in enumerate(("median", "16th percentile", "84th percentile"))))
+
+    return BandGapResult(
+        band_gap=interval(0, "Band gap", "Band gap (eV)"),
+        exponent=interval(3, "Onset exponent", "Onset exponent"),
+        found_fraction=item(6, "Replicas with an onset", "Fraction"),
+        window=tuple(window),
+    )

@@ -130,19 +130,19 @@ def test_band_gap_maps_keep_the_scan_and_match_lazy(flake_and_model):
     resolution = resolution_from(model.cluster_medians_[-1], model.energy_, half_width=0.5)
     eager = estimate_band_gap(signal, model, window=(1.0, 2.6), resolution=resolution, progress=False)
     lazy = estimate_band_gap(signal.as_lazy(), model, window=(1.0, 2.6), resolution=resolution)
-    for name in ("band_gap", "band_gap_low", "band_gap_high", "exponent", "found_fraction"):
-        got = getattr(eager, name)
+    pairs = [(getattr(eager.band_gap, p), getattr(lazy.band_gap, p)) for p in ("median", "low", "high")]
+    pairs += [(eager.exponent.median, lazy.exponent.median), (eager.found_fraction, lazy.found_fraction)]
+    for got, other in pairs:
         assert got.axes_manager.navigation_shape == (8, 6) and got.axes_manager.signal_dimension == 0
         assert [a.units for a in got.axes_manager.navigation_axes] == ["nm", "nm"]
-        other = getattr(lazy, name)
         other.compute()
         np.testing.assert_allclose(other.data, got.data, equal_nan=True)
-    gap, low, high = (np.asarray(getattr(eager, n).data) for n in ("band_gap", "band_gap_low", "band_gap_high"))
+    gap, low, high = (np.asarray(getattr(eager.band_gap, p).data) for p in ("median", "low", "high"))
     valid = np.isfinite(gap)
     assert valid.any()
     assert np.all((low[valid] <= gap[valid]) & (gap[valid] <= high[valid]))
     assert np.all((gap[valid] >= 1.0) & (gap[valid] <= 2.6 - 0.15))
-    assert eager.band_gap.metadata.Signal.quantity == "Band gap (eV)"
+    assert eager.band_gap.median.metadata.Signal.quantity == "Band gap (eV)"
     assert eager.direct().data.dtype == bool
 
 
