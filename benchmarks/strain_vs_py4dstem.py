@@ -37,10 +37,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -48,10 +46,13 @@ import time
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
 import numpy as np  # noqa: E402
 from scipy.ndimage import binary_erosion  # noqa: E402
+
+from machine import load_avg, machine_info  # noqa: E402
 
 COMPONENTS = ("exx", "eyy", "exy", "theta")
 PEER_VENV = os.path.join(HERE, ".venv-py4dstem")
@@ -69,34 +70,6 @@ VALIDATION_PEER_ARGS = {"py4DSTEM": ("--edge-boundary", "20")}
 # ---------------------------------------------------------------------------------------------------------------
 # machine
 # ---------------------------------------------------------------------------------------------------------------
-
-def machine_info() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "platform": platform.platform(),
-        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-    }
-
-
-def load_avg():
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # data

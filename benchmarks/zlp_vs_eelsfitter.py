@@ -24,10 +24,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import sys
 import time
 
@@ -40,6 +38,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import eelsfitter_runner as efr  # noqa: E402
+from machine import load_avg, machine_info  # noqa: E402
 
 HIDDEN = (10, 15, 5)  # EELSFitter's MultilayerPerceptron, fixed in its code
 _BIG_KEYS = ("est", "zlp_median", "zlp_low", "zlp_high", "de1", "de2")  # not written to the JSON
@@ -49,36 +48,13 @@ _BIG_KEYS = ("est", "zlp_median", "zlp_low", "zlp_high", "de1", "de2")  # not wr
 # machine and settings
 # ---------------------------------------------------------------------------------------------------------------
 
-def machine_info():
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "eelsfitter": efr.eelsfitter_version(),
-        "platform": platform.platform(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-    }
-    return info
-
-
-def load_avg():
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
+def zlp_machine_info():
+    return machine_info(
+        torch_threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        eelsfitter=efr.eelsfitter_version(),
+        gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -283,7 +259,7 @@ def main(argv=None):
     from stemml_core.synthetic.lowloss import flake_sample
 
     gen_kwargs = {} if args.energy_range is None else {"energy_range": tuple(args.energy_range)}
-    info = machine_info()
+    info = zlp_machine_info()
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
     results = {"machine": info, "settings": settings, "load_avg_start": load_avg()}
     log(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch_threads']} threads), "
