@@ -32,7 +32,7 @@ from typing import Any, Mapping
 import numpy as np
 from hyperspy.signal import BaseSignal
 
-__all__ = ["OutputDirError", "check_output_dir", "provenance", "write", "read_summary", "versions"]
+__all__ = ["OutputDirError", "atomic_write", "check_output_dir", "provenance", "write", "read_summary", "versions"]
 
 SUMMARY = "summary.json"
 # Parameters that say where things are, not what was computed: they may differ between
@@ -169,8 +169,13 @@ def _to_json(value):
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def _atomic(path: Path, write_to) -> None:
-    """Call ``write_to(temporary_path)`` and move the result onto ``path``."""
+def atomic_write(path, write_to) -> None:
+    """Call ``write_to(temporary_path)`` and move the result onto ``path``.
+
+    The temporary file lies in ``path``'s folder (so the move is atomic) and is
+    removed if ``write_to`` fails; ``path`` is then left as it was.
+    """
+    path = Path(path)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
     os.close(handle)
     try:
@@ -241,7 +246,7 @@ def write(
     map_entries = {}
     for name, signal in maps.items():
         target = out / f"{name}.hspy"
-        _atomic(target, lambda tmp, s=signal: s.save(tmp, overwrite=True))
+        atomic_write(target, lambda tmp, s=signal: s.save(tmp, overwrite=True))
         map_entries[name] = {
             "file": target.name,
             "sha256": _sha256_file(target),
@@ -260,5 +265,5 @@ def write(
     }
     text = json.dumps(summary, indent=2, default=_to_json, allow_nan=True)
     target = out / SUMMARY
-    _atomic(target, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
+    atomic_write(target, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
     return target

@@ -20,7 +20,6 @@ Layers, bottom to top:
 """
 
 import os
-import tempfile
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
@@ -33,6 +32,7 @@ from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted, check_scalar
 from tqdm import tqdm  # text bars: no widget JavaScript in notebooks and the offline book
 
+from ..results import atomic_write
 from ..segment import SortedKMeans, log_total_intensity
 
 __all__ = [
@@ -1367,15 +1367,7 @@ class ZLPEnsemble(BaseEstimator):
             "attributes": {name: _plain(getattr(self, name)) for name in _SAVED_ATTRIBUTES},
             "history": {f.name: _plain(getattr(self.history_, f.name)) for f in fields(TrainingHistory)},
         }
-        path = os.fspath(path)
-        handle, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as file:
-                torch.save(state, file)
-            os.replace(temporary, path)
-        except BaseException:
-            os.unlink(temporary)
-            raise
+        atomic_write(path, lambda temporary: torch.save(state, temporary))
 
     @classmethod
     def load(cls, path):
