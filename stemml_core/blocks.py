@@ -53,6 +53,7 @@ def map_pixels(
     block_pixels: int = 4096,
     progress: bool = True,
     description: str | None = None,
+    extra: dict | None = None,
     **kwargs,
 ) -> BaseSignal:
     """Apply ``func`` to blocks of pixels of ``signal``.
@@ -80,6 +81,10 @@ def map_pixels(
         Show a progress bar for in-memory input.
     description : str, optional
         Progress-bar label.
+    extra : dict of str to array_like, optional
+        Further per-pixel inputs by name, each of shape ``(*nav, *rest)`` (numpy or
+        dask; e.g. a noise variance per channel or a scalar map): ``func`` receives
+        the rows of the block's pixels, shape ``(n, *rest)``, as keyword arguments.
     **kwargs
         Passed to ``func``.
 
@@ -99,9 +104,13 @@ def map_pixels(
         raise ValueError(f"output_axes sizes {[a['size'] for a in output_axes]} differ from output_shape {output_shape}")
     n_sig = len(sig_shape)
 
-    def run(block: np.ndarray) -> np.ndarray:
+    extra = {name: _navigation_aligned(name, values, nav_shape) for name, values in (extra or {}).items()}
+
+    def run(block: np.ndarray, *extra_blocks) -> np.ndarray:
         flat = np.asarray(block, dtype=np.float64).reshape(-1, *sig_shape)
-        result = np.asarray(func(flat, **kwargs), dtype=dtype)
+        rows = {name: np.asarray(values).reshape(flat.shape[0], *values.shape[block.ndim - n_sig:])
+                for name, values in zip(extra, extra_blocks)}
+        result = np.asarray(func(flat, **rows, **kwargs), dtype=dtype)
         if result.shape != (flat.shape[0], *output_shape):
             raise ValueError(
                 f"{getattr(func, '__name__', 'func')} returned shape {result.shape}; "
@@ -112,23 +121,39 @@ def map_pixels(
     if signal._lazy:
         data = signal.data
         data = data.rechunk({axis: -1 for axis in range(len(nav_shape), data.ndim)})
-        sig_axes = tuple(range(len(nav_shape), data.ndim))
-        new = tuple(range(len(nav_shape), len(nav_shape) + len(output_shape)))
-        if len(sig_axes) == len(output_shape):
-            result = da.map_blocks(run, data, dtype=dtype,
-                                   chunks=data.chunks[: len(nav_shape)] + tuple((n,) for n in output_shape))
-        else:
-            result = da.map_blocks(run, data, dtype=dtype, drop_axis=sig_axes, new_axis=new or None,
-                                   chunks=data.chunks[: len(nav_shape)] + tuple((n,) for n in output_shape))
+        nav_chunks = data.chunks[: len(nav_shape)]
+        nav_index = tuple(f"n{i}" for i in range(len(nav_shape)))
+        args = [data, nav_index + tuple(f"s{i}" for i in range(n_sig))]
+        for k, values in enumerate(extra.values()):
+            values = da.asarray(values)
+            n_rest = values.ndim - len(nav_shape)
+            args += [values.rechunk(nav_chunks + (-1,) * n_rest),
+                     nav_index + tuple(f"e{k}_{i}" for i in range(n_rest))]
+        new_axes = {f"o{i}": n for i, n in enumerate(output_shape)}
+        result = da.blockwise(run, nav_index + tuple(new_axes), *args, new_axes=new_axes, dtype=dtype,
+                              concatenate=True)
         return _navigation_signal(result, signal, output_axes, lazy=True)
 
     data = np.asarray(signal.data)
     flat = data.reshape(-1, *sig_shape)
+    flat_extra = [np.asarray(values).reshape(flat.shape[0], *values.shape[len(nav_shape):]) for values in extra.values()]
     out = np.empty((flat.shape[0], *output_shape), dtype=dtype)
     starts = range(0, flat.shape[0], block_pixels)
     for start in tqdm(starts, desc=description, disable=not progress or len(starts) < 2, leave=False):
-        out[start:start + block_pixels] = run(flat[start:start + block_pixels])
+        sl = slice(start, start + block_pixels)
+        out[sl] = run(flat[sl], *(values[sl] for values in flat_extra))
     return _navigation_signal(out.reshape(nav_shape + output_shape), signal, output_axes, lazy=False)
+
+
+def _navigation_aligned(name, values, nav_shape):
+    """``values`` (numpy or dask) checked to start with the navigation shape."""
+    values = values if isinstance(values, da.Array) else np.asarray(values)
+    if values.shape[: len(nav_shape)] != nav_shape:
+        raise ValueError(
+            f"extra input {name!r} has shape {values.shape}; expected the navigation shape {nav_shape} "
+            "followed by the per-pixel shape"
+        )
+    return values
 
 
 def navigation_map(data, source: BaseSignal, *, title: str, quantity: str) -> BaseSignal:

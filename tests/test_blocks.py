@@ -76,3 +76,27 @@ def test_distributed_cluster_gives_identical_numbers():
         out = map_pixels(lazy, moments, output_shape=(2,))
         out.compute()
     np.testing.assert_array_equal(out.data, expected)
+
+
+def weighted(block, weight, offset):
+    """Per-pixel extra inputs: a spectrum of weights and a scalar offset."""
+    return (block * weight).sum(axis=1) + offset
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_extra_inputs_follow_the_pixels(lazy):
+    s = _si()
+    rng = np.random.default_rng(2)
+    weight, offset = rng.normal(size=s.data.shape), rng.normal(size=s.data.shape[:-1])
+    source = s.as_lazy() if lazy else s
+    if lazy:
+        source.data = source.data.rechunk((2, 3, -1))
+    out = map_pixels(source, weighted, extra={"weight": weight, "offset": offset}, block_pixels=4, progress=False)
+    np.testing.assert_allclose(np.asarray(out.data), (s.data * weight).sum(-1) + offset)
+
+
+def test_extra_input_with_the_wrong_shape_is_reported():
+    s = _si()
+    with pytest.raises(ValueError, match=r"extra input 'offset' has shape \(7, 5\); expected the navigation "
+                                         r"shape \(5, 7\)"):
+        map_pixels(s, weighted, extra={"weight": s.data, "offset": np.zeros((7, 5))}, progress=False)
