@@ -56,6 +56,9 @@ class OnsetFit:
     found : numpy.ndarray of bool, shape (n,)
         True where a significant onset (``significance`` above the threshold,
         positive amplitude) lies inside the window, not at its edge.
+    at_edge : numpy.ndarray of bool, shape (n,)
+        True where the onset is significant but its best Eg lies on the edge
+        of the searched range (the window is too narrow or misplaced).
     """
 
     band_gap: np.ndarray
@@ -64,6 +67,7 @@ class OnsetFit:
     rss: np.ndarray
     significance: np.ndarray
     found: np.ndarray
+    at_edge: np.ndarray
 
 
 def _onset_table(energy, window, gaps, exponents, resolution):
@@ -156,7 +160,11 @@ def fit_onset(
         Energy-loss range of the fit, eV. It should start a few tenths of an
         eV below the onset and end a few tenths above it.
     exponents : array_like, optional
-        Uniform grid of onset exponents b; default 0.2 to 2.6 in steps of 0.025.
+        Onset exponents b to search, increasing. A uniform grid of at least
+        9 values is searched as a continuum (the optimum is refined between
+        grid points); default 0.2 to 2.6 in steps of 0.025. A few values,
+        e.g. ``(0.5, 1.5)``, are a discrete model choice (direct or indirect):
+        b is one of them and only Eg is refined.
     gap_step : float
         Step of the Eg grid, eV.
     background_order : int
@@ -220,45 +228,50 @@ def fit_onset(
             f"and a width above {2 * min_above} eV"
         )
     exponents = np.arange(0.2, 2.601, 0.025) if exponents is None else np.asarray(exponents, dtype=np.float64)
-    if (exponents.ndim != 1 or len(exponents) < 9 or np.any(exponents <= 0)
-            or not np.allclose(np.diff(exponents), exponents[1] - exponents[0]) or exponents[1] <= exponents[0]):
-        raise ValueError("exponents must be a uniform increasing grid of at least 9 positive values")
+    if exponents.ndim != 1 or exponents.size < 1 or np.any(exponents <= 0) or np.any(np.diff(exponents) <= 0):
+        raise ValueError(f"exponents={exponents!r}; expected one or more positive values in increasing order")
+    continuous = len(exponents) >= 9 and np.allclose(np.diff(exponents), exponents[1] - exponents[0])
     gaps = np.arange(lo, hi - min_above + gap_step / 2, gap_step)
     if len(gaps) < 9:
         raise ValueError(f"gap_step={gap_step} eV gives {len(gaps)} band-gap values in the window; expected at least 9")
 
     table = _onset_table(energy, (lo, hi), gaps, exponents, resolution)
     background = _background(energy[inside], background_order)
-    coarse = table[::8, ::4]
+    stride = (8, 4 if continuous else 1)
+    reach = (8, 4 if continuous else 0)
+    coarse = table[::stride[0], ::stride[1]]
     out = {key: np.full(len(spectra), np.nan) for key in ("band_gap", "exponent", "amplitude", "rss", "significance")}
     q_background = np.linalg.qr(background)[0]
     dof = inside.sum() - n_params - 2
     found = np.zeros(len(spectra), dtype=bool)
+    at_edge = np.zeros(len(spectra), dtype=bool)
     for start in range(0, len(spectra), block):
         y = spectra[start:start + block, inside]
         cg, cb = _coarse_search(y, background, coarse)
-        reach = (8, 4)
-        rss, amplitude, gi, bi = _local_search(y, background, table, cg * 8, cb * 4, reach)
+        rss, amplitude, gi, bi = _local_search(y, background, table, cg * stride[0], cb * stride[1], reach)
         rows = np.arange(len(y))
         best = rss.argmin(axis=1)
         ig, ib = gi[rows, best], bi[rows, best]
         local = rss.reshape(len(y), 2 * reach[0] + 1, 2 * reach[1] + 1)
         du, dv = _vertex_offsets(local, *np.unravel_index(best, local.shape[1:]), ig, ib, table.shape[:2])
         band_gap = gaps[ig] + du * gap_step
-        exponent = exponents[ib] + dv * (exponents[1] - exponents[0])
+        exponent = exponents[ib] + (dv * (exponents[1] - exponents[0]) if continuous else 0.0)
         best_rss = rss[rows, best]
         background_rss = np.einsum("nw,nw->n", y, y) - np.sum((y @ q_background) ** 2, axis=1)
         with np.errstate(divide="ignore", over="ignore", invalid="ignore"):  # a noise-free fit: infinite
             significance = (background_rss - best_rss) / (np.maximum(best_rss, 0.0) / dof)
-        ok = np.isfinite(best_rss) & (ig > 0) & (ig < len(gaps) - 1) & (significance > min_significance)
+        significant = np.isfinite(best_rss) & (significance > min_significance)
+        inner = (ig > 0) & (ig < len(gaps) - 1)
+        ok = significant & inner
         sl = slice(start, start + len(y))
+        at_edge[sl] = significant & ~inner
         out["band_gap"][sl] = np.where(ok, band_gap, np.nan)
         out["exponent"][sl] = np.where(ok, exponent, np.nan)
         out["amplitude"][sl] = np.where(ok, amplitude[rows, best], np.nan)
         out["rss"][sl] = best_rss
         out["significance"][sl] = significance
         found[sl] = ok
-    return OnsetFit(found=found, **out)
+    return OnsetFit(found=found, at_edge=at_edge, **out)
 
 
 # Least-squares fit of a quadratic surface to a 3 x 3 neighbourhood: the pseudo-inverse of the
@@ -272,6 +285,15 @@ def _vertex_offsets(local, lu, lv, ig, ib, grid_shape):
     ``local`` (n, Lu, Lv) to the vertex of the quadratic surface through its 3 x 3 neighbourhood;
     0 where the neighbourhood leaves the local or the global grid or the surface has no minimum."""
     n, n_u, n_v = local.shape
+    if n_v == 1:  # a discrete exponent: refine Eg alone, by a parabola through three points
+        inner = (lu > 0) & (lu < n_u - 1) & (ig > 0) & (ig < grid_shape[0] - 1)
+        rows = np.arange(n)
+        left, mid, right = (local[rows, np.clip(lu + k, 0, n_u - 1), 0] for k in (-1, 0, 1))
+        curvature = left - 2 * mid + right
+        ok = inner & np.isfinite(left) & np.isfinite(right) & (curvature > 0)
+        du = 0.5 * (left - right) / np.where(ok, curvature, 1.0)
+        ok &= np.abs(du) <= 1
+        return np.where(ok, du, 0.0), np.zeros(n)
     inner = (lu > 0) & (lu < n_u - 1) & (lv > 0) & (lv < n_v - 1)
     inner &= (ig > 0) & (ig < grid_shape[0] - 1) & (ib > 0) & (ib < grid_shape[1] - 1)
     pu = np.clip(lu[:, None] + _U[None], 0, n_u - 1)

@@ -82,11 +82,34 @@ def test_no_onset_is_reported_not_invented():
     (dict(window=(0.8, 9.0)), r"window=\(0.8, 9.0\) eV is not inside the energy axis"),
     (dict(window=(2.0, 1.0)), "is not increasing"),
     (dict(window=(1.0, 1.2)), "holds 8 channels; expected at least 9 and a width above 0.3 eV"),
-    (dict(window=(0.8, 2.6), exponents=[0.5, 1.5]), "uniform increasing grid of at least 9 positive"),
+    (dict(window=(0.8, 2.6), exponents=[1.5, 0.5]), "positive values in increasing order"),
+    (dict(window=(0.8, 2.6), exponents=[0.0, 1.5]), "positive values in increasing order"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         fit_onset(np.ones((2, ENERGY.size)), ENERGY, **kwargs)
+
+
+def test_discrete_exponents_choose_direct_or_indirect(truth):
+    gaps, exponents = truth
+    rng = np.random.default_rng(3)
+    resolution = _resolution()
+    clean = _onsets(gaps, exponents, resolution=resolution)
+    noisy = rng.poisson(50 * clean) / 50
+    fit = fit_onset(noisy, ENERGY, window=(0.8, 2.6), resolution=resolution, exponents=(0.5, 1.5))
+    assert set(np.unique(fit.exponent[fit.found])) <= {0.5, 1.5}
+    assert np.mean(fit.exponent[fit.found] == exponents[fit.found]) >= 0.95
+    assert fit.found.mean() >= 0.95
+    assert np.median(np.abs(fit.band_gap - gaps)[fit.found]) < 0.02
+    # the onset refined between grid points: not all on the 5 meV grid
+    assert np.mean(np.isclose(np.round((fit.band_gap[fit.found] - 0.8) / 0.005) * 0.005 + 0.8,
+                              fit.band_gap[fit.found])) < 0.5
+
+
+def test_an_onset_on_the_window_edge_is_flagged():
+    spectra = _onsets(np.array([2.52]), np.array([0.5]))  # beyond the searched 0.8-2.45 eV
+    fit = fit_onset(spectra, ENERGY, window=(0.8, 2.6), exponents=(0.5, 1.5))
+    assert not fit.found[0] and fit.at_edge[0] and np.isnan(fit.band_gap[0])
 
 
 def test_bad_spectra():
