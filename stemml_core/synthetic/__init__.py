@@ -13,12 +13,15 @@ from stemml_core.synthetic.diffraction import (
     twisted_bilayer,
 )
 from stemml_core.synthetic.lowloss import LowLossTruth, flake_sample, simulate_lowloss, single_spectrum
+from stemml_core.synthetic.nanostructures import NanostructureTruth, nanostructure_sample
 
 __all__ = [
     "LayerStrain",
     "LowLossTruth",
+    "NanostructureTruth",
     "StrainTruth",
     "flake_sample",
+    "nanostructure_sample",
     "simulate_4dstem",
     "simulate_lowloss",
     "single_spectrum",
