@@ -92,7 +92,7 @@ def map_pixels(
     -------
     hyperspy.signal.BaseSignal
         ``nav`` navigation axes copied from ``signal`` plus the output signal
-        axes; lazy when ``signal`` is lazy.
+        axes; lazy when ``signal`` or an ``extra`` input is lazy.
     """
     am = signal.axes_manager
     nav_shape = tuple(am.navigation_shape[::-1])
@@ -118,8 +118,12 @@ def map_pixels(
             )
         return result.reshape(block.shape[: block.ndim - n_sig] + output_shape)
 
-    if signal._lazy:
-        data = signal.data
+    lazy_extra = [values for values in extra.values() if isinstance(values, da.Array)]
+    if signal._lazy or lazy_extra:
+        if signal._lazy:
+            data = signal.data
+        else:  # an eager signal with a lazy extra input: chunk the navigation like that input
+            data = da.from_array(signal.data, chunks=lazy_extra[0].chunks[: len(nav_shape)] + (-1,) * len(sig_shape))
         data = data.rechunk({axis: -1 for axis in range(len(nav_shape), data.ndim)})
         nav_chunks = data.chunks[: len(nav_shape)]
         nav_index = tuple(f"n{i}" for i in range(len(nav_shape)))

@@ -40,11 +40,11 @@ from ..blocks import map_pixels
 from .thickness import (
     ReplicaInterval,
     _energy_axis,
+    _block_zlp,
     _microscope_parameters,
-    _pixel_stack,
     _replica_percentiles,
     _titled,
-    _zlp_replicas,
+    _zlp_source,
 )
 
 __all__ = ["DielectricResult", "dielectric_function", "fourier_log_deconvolution", "kramers_kronig"]
@@ -459,27 +459,29 @@ def dielectric_function(signal, zlp, *, thickness=None, refractive_index=None, t
     """
     energy = _energy_axis(signal)
     beam_energy, collection_angle = _microscope_parameters(signal, ("beam_energy", "collection_angle"))
-    n_replicas = _zlp_replicas(signal, zlp, energy).shape[0]
+    extra, source, n_replicas = _zlp_source(signal, zlp, energy)
     if np.ndim(refractive_index) != 0:
         raise ValueError(f"refractive_index has shape {np.shape(refractive_index)}; expected one number.")
     if hasattr(thickness, "axes_manager"):
         thickness = thickness.data
     _check_normalisation(thickness, refractive_index)
-    stacked = _pixel_stack(signal, zlp, maps=None if thickness is None else {"thickness": thickness})
+    if thickness is not None:
+        extra["thickness"] = _thickness_map(thickness, signal.data.shape[:-1])
     energy_axis = signal.axes_manager.signal_axes[0].get_axis_dictionary()
     out = map_pixels(
-        stacked,
+        signal,
         _dielectric_block,
         output_shape=(len(_QUANTITIES) * 3, energy.size),
         output_axes=[{"size": len(_QUANTITIES) * 3}, energy_axis],
+        extra=extra,
         block_pixels=max(1, _BLOCK_VALUES // ((1 + n_replicas) * energy.size)),
-        n_replicas=n_replicas,
         energy=energy,
         beam_energy=beam_energy,
         collection_angle=collection_angle,
         refractive_index=refractive_index,
         tail=tail,
         tail_window=tail_window,
+        **source,
     )
     fields = {}
     for q, (name, quantity) in enumerate(_QUANTITIES):
@@ -490,13 +492,15 @@ def dielectric_function(signal, zlp, *, thickness=None, refractive_index=None, t
     return DielectricResult(**fields)
 
 
-def _dielectric_block(block, *, n_replicas, energy, refractive_index, **settings):
-    """(n, 1 + n_replicas [+ 1], n_energy) -> (n, 12, n_energy): percentiles of ε1, ε2, Im(-1/ε), SSD."""
-    spectra, zlps = block[:, :1], block[:, 1 : 1 + n_replicas]
-    thickness = None if refractive_index is not None else block[:, 1 + n_replicas, :1]
+def _dielectric_block(block, *, energy, refractive_index, thickness=None, zlp=None, model=None, channels=None,
+                      **settings):
+    """(n, n_energy) spectra -> (n, 12, n_energy): percentiles of ε1, ε2, Im(-1/ε), SSD over the ZLP replicas."""
+    spectra = block[:, None]
+    zlps = _block_zlp(block, zlp=zlp, model=model, channels=channels)
     ssd = fourier_log_deconvolution(spectra, zlps)
     eps = kramers_kronig(
-        ssd, energy, zlp_integral=zlps.sum(axis=-1), thickness=thickness, refractive_index=refractive_index,
+        ssd, energy, zlp_integral=zlps.sum(axis=-1),
+        thickness=None if thickness is None else thickness[:, None], refractive_index=refractive_index,
         **settings,
     )
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -504,6 +508,17 @@ def _dielectric_block(block, *, n_replicas, energy, refractive_index, **settings
     quantities = np.stack([eps.real, eps.imag, loss, ssd], axis=1)  # (n, 4, n_replicas, n_energy)
     band = np.moveaxis(_replica_percentiles(quantities, axis=2), -1, 2)  # (n, 4, 3, n_energy)
     return band.reshape(block.shape[0], len(_QUANTITIES) * 3, energy.size)
+
+
+def _thickness_map(thickness, nav_shape):
+    """A thickness (nm) as a navigation-shaped map: one value is repeated, a map must have the shape nav."""
+    xp = da if isinstance(thickness, da.Array) else np
+    values = thickness if xp is da else np.asarray(thickness, dtype=np.float64)
+    if values.size == 1:
+        values = xp.reshape(values, ())
+    if values.shape not in ((), nav_shape):
+        raise ValueError(f"thickness has shape {values.shape}; expected one value or the navigation shape {nav_shape}.")
+    return xp.broadcast_to(values, nav_shape)
 
 
 # --------------------------------------------------------------------------

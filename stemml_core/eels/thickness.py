@@ -30,7 +30,7 @@ import numpy as np
 from exspy.utils.eels import effective_angle, iMFP_angular_correction, iMFP_Iakoubovskii
 from hyperspy.signal import BaseSignal
 
-from ..blocks import _navigation_signal, map_pixels
+from ..blocks import map_pixels
 
 __all__ = ["ReplicaInterval", "estimate_thickness", "log_ratio", "mean_free_path"]
 
@@ -248,10 +248,12 @@ def estimate_thickness(signal, zlp, *, mean_free_path=None, density=None, z_eff=
     signal : exspy.signals.EELSSpectrum
         Low-loss spectrum image with the ZLP, shape ``(*nav, n_energy)``, counts; energy axis in eV;
         eager or lazy.
-    zlp : hyperspy signal or array_like
-        Either a model ZLP with the shape of ``signal.data`` (e.g. the median of a ZLP ensemble), or a
-        stack of ZLP replicas of shape ``(n_replicas, *signal.data.shape)``; counts, on the signal's
-        energy channels. Numpy or dask.
+    zlp : ZLPEnsemble, hyperspy signal or array_like
+        A fitted :class:`~stemml_core.eels.zlp.ZLPEnsemble`, fitted on a part of the signal's energy
+        axis (e.g. -1 to 9 eV of a spectrum recorded to 100 eV; the ZLP is zero beyond it); or a model
+        ZLP with the shape of ``signal.data`` (e.g. the median of a ZLP ensemble); or a stack of ZLP
+        replicas of shape ``(n_replicas, *signal.data.shape)``; counts, on the signal's energy
+        channels. Numpy or dask.
     mean_free_path : float, optional
         Known λ in nm: the maps are then t = λ t/λ in nm.
     density : float, optional
@@ -308,11 +310,11 @@ def estimate_thickness(signal, zlp, *, mean_free_path=None, density=None, z_eff=
         scale = _formula_mean_free_path(signal, density=density, z_eff=z_eff)
     else:
         scale = 1.0
-    stacked = _pixel_stack(signal, zlp)
-    rows, n_energy = stacked.axes_manager.signal_shape[::-1]
+    energy = _energy_axis(signal)
+    extra, source, n_replicas = _zlp_source(signal, zlp, energy)
     out = map_pixels(
-        stacked, _log_ratio_interval, output_shape=(len(PERCENTILES),),
-        block_pixels=max(1, _BLOCK_VALUES // (rows * n_energy)), scale=scale,
+        signal, _log_ratio_interval, output_shape=(len(PERCENTILES),), extra=extra,
+        block_pixels=max(1, _BLOCK_VALUES // ((1 + n_replicas) * energy.size)), scale=scale, **source,
     )
     quantity = "Thickness (nm)" if given else "t/λ"
     return ReplicaInterval(*(
@@ -331,9 +333,9 @@ def _formula_mean_free_path(signal, *, density, z_eff):
     )
 
 
-def _log_ratio_interval(block, *, scale):
-    """(n, 1 + n_replicas, n_energy) -> (n, 3): percentiles of scale * t/λ over the replicas."""
-    return _replica_percentiles(scale * log_ratio(block[:, :1], block[:, 1:]), axis=1)
+def _log_ratio_interval(block, *, scale, **source):
+    """(n, n_energy) spectra -> (n, 3): percentiles of scale * t/λ over the ZLP replicas."""
+    return _replica_percentiles(scale * log_ratio(block[:, None], _block_zlp(block, **source)), axis=1)
 
 
 # --------------------------------------------------------------------------
@@ -361,48 +363,45 @@ def _microscope_parameters(signal, names):
     return values
 
 
-def _pixel_stack(signal, zlp, maps=None):
-    """One signal holding each pixel's spectrum, ZLP replicas and scalar maps, for :func:`map_pixels`.
+def _is_model(zlp):
+    """True for a fitted ZLP ensemble (anything with ``predict_replicas`` and ``energy_``)."""
+    return hasattr(zlp, "predict_replicas") and hasattr(zlp, "energy_")
 
-    Parameters
-    ----------
-    signal : hyperspy signal, shape (*nav, n_energy)
-    zlp : signal or array, shape (*nav, n_energy) or (n_replicas, *nav, n_energy)
-    maps : dict of str to array_like of shape () or nav, optional
-        Per-pixel scalars by name (numpy or dask), each repeated along the energy axis.
 
-    Returns
-    -------
-    hyperspy signal, shape (*nav | 1 + n_replicas + len(maps), n_energy)
-        Row 0 the spectrum, rows 1..n_replicas the ZLPs, then the maps; lazy when any input is lazy.
+def _zlp_source(signal, zlp, energy):
+    """How the blocks of :func:`map_pixels` get their ZLP replicas: (extra inputs, settings, n_replicas).
+
+    A stack of replicas travels with the pixels as an extra input of shape (*nav, n_replicas,
+    n_energy); a fitted ZLP ensemble is evaluated block by block on the channels it was fitted
+    on (a contiguous part of the signal's axis), and is zero on the others.
     """
-    energy = _energy_axis(signal)
+    if _is_model(zlp):
+        from sklearn.utils.validation import check_is_fitted
+
+        check_is_fitted(zlp)
+        fitted = zlp.energy_
+        first = int(np.argmin(np.abs(energy - fitted[0])))
+        channels = slice(first, first + fitted.size)
+        inside = energy[channels]
+        if inside.shape != fitted.shape or not np.allclose(inside, fitted, atol=1e-3 * (fitted[1] - fitted[0])):
+            raise ValueError(
+                f"the ZLP model was fitted on {fitted.size} channels from {fitted[0]:.4g} to {fitted[-1]:.4g} eV, "
+                f"which are not channels of the signal's energy axis ({energy[0]:.4g} to {energy[-1]:.4g} eV, "
+                f"{energy.size} channels); expected the same dispersion and a sub-range of the axis."
+            )
+        return {}, {"model": zlp, "channels": channels}, int(np.sum(zlp.kept_))
     replicas = _zlp_replicas(signal, zlp, energy)
-    data = signal.data
-    maps = maps or {}
-    lazy = signal._lazy or any(isinstance(a, da.Array) for a in (replicas, *maps.values()))
-    nav_shape = data.shape[:-1]
-    rows = [data[..., None, :], replicas.transpose(*range(1, replicas.ndim - 1), 0, replicas.ndim - 1)]
-    rows += [_broadcast_map(name, values, nav_shape, energy.size) for name, values in maps.items()]
-    if lazy:
-        nav_chunks = (data if isinstance(data, da.Array) else da.asarray(data)).chunks[:-1]
-        rows = [da.asarray(row).rechunk(nav_chunks + (-1, -1)) for row in rows]
-        stacked = da.concatenate(rows, axis=-2)
-    else:
-        stacked = np.concatenate([np.asarray(row) for row in rows], axis=-2)
-    axes = [{"size": stacked.shape[-2], "name": "row"}, signal.axes_manager.signal_axes[0].get_axis_dictionary()]
-    return _navigation_signal(stacked, signal, axes, lazy=lazy)
+    xp = da if isinstance(replicas, da.Array) else np
+    return {"zlp": xp.moveaxis(replicas, 0, -2)}, {}, replicas.shape[0]
 
 
-def _broadcast_map(name, values, nav_shape, n_energy):
-    """A per-pixel scalar map (shape () or nav; one value for a single spectrum) as (*nav, 1, n_energy)."""
-    xp = da if isinstance(values, da.Array) else np
-    values = values if xp is da else np.asarray(values, dtype=np.float64)
-    if values.size == 1:
-        values = xp.reshape(values, ())
-    if values.shape not in ((), nav_shape):
-        raise ValueError(f"{name} has shape {values.shape}; expected one value or the navigation shape {nav_shape}.")
-    return xp.broadcast_to(xp.reshape(values, values.shape + (1, 1)), nav_shape + (1, n_energy))
+def _block_zlp(block, *, zlp=None, model=None, channels=None):
+    """The ZLP replicas of a block's pixels, (n, n_replicas, n_energy), from either source of :func:`_zlp_source`."""
+    if model is None:
+        return zlp
+    out = np.zeros((block.shape[0], int(np.sum(model.kept_)), block.shape[1]))
+    out[..., channels] = np.moveaxis(model.predict_replicas(block[:, channels], model.energy_), 0, 1)
+    return out
 
 
 def _energy_axis(signal):

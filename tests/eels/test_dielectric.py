@@ -300,3 +300,18 @@ def test_kramers_kronig_rejects_bad_arguments(drude, kwargs, match):
     arguments = dict(energy=truth.energy, beam_energy=200.0, collection_angle=20.0) | kwargs
     with pytest.raises(ValueError, match=match):
         kramers_kronig(truth.single_scattering, arguments.pop("energy"), **arguments)
+
+
+@pytest.mark.filterwarnings("ignore:the power-law tail")  # noisy spectra: the tail fit fails in some replicas
+def test_a_zlp_ensemble_gives_the_same_result_as_its_replicas(flake_and_low_loss_model):
+    signal, truth, model = flake_and_low_loss_model
+    pixels = signal.inav[6:8, 4]  # two pixels on a terrace
+    low = pixels.isig[-1.0:9.0]
+    replicas = np.zeros((int(model.kept_.sum()), *pixels.data.shape))
+    replicas[..., : low.data.shape[-1]] = model.predict_replicas(low)
+    thickness = truth.thickness[4, 6:8]
+    from_model = dielectric_function(pixels, model, thickness=thickness)
+    from_array = dielectric_function(pixels, replicas, thickness=thickness)
+    for name in ("eps1", "eps2", "single_scattering"):
+        np.testing.assert_allclose(getattr(from_model, name).median.data, getattr(from_array, name).median.data,
+                                   rtol=1e-6, atol=1e-9)

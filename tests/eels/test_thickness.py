@@ -221,3 +221,26 @@ def test_zlp_signal_with_another_energy_axis_is_rejected(small_flake):
     zlp.axes_manager.signal_axes[0].offset = -0.5
     with pytest.raises(ValueError, match=r"the ZLP's energy axis \(-0\.5 to .* differs from the signal's \(-1 to"):
         estimate_thickness(signal, zlp)
+
+
+def test_a_zlp_ensemble_fitted_on_the_low_loss_window_gives_t_over_lambda(flake_and_low_loss_model):
+    signal, truth, model = flake_and_low_loss_model
+    result = estimate_thickness(signal, model)  # recorded to 100 eV, model fitted to 9 eV
+    material = ~truth.vacuum
+    # Measured: -2.2 % to +0.3 % on the terraces, |t/λ| < 1e-3 in vacuum.
+    np.testing.assert_allclose(result.median.data[material], truth.t_over_lambda[material], rtol=0.05)
+    np.testing.assert_allclose(result.median.data[truth.vacuum], 0.0, atol=0.01)
+    assert np.all(result.low.data <= result.median.data) and np.all(result.median.data <= result.high.data)
+    assert np.any(result.high.data > result.low.data)
+    lazy = estimate_thickness(signal.as_lazy(), model)
+    lazy.median.compute()
+    np.testing.assert_allclose(lazy.median.data, result.median.data, rtol=1e-10)
+
+
+def test_a_zlp_ensemble_on_other_channels_is_refused(flake_and_low_loss_model):
+    signal, _, model = flake_and_low_loss_model
+    with pytest.raises(ValueError, match="not channels of the signal's energy axis"):
+        estimate_thickness(signal.isig[2.0:], model)
+    rebinned = signal.rebin(scale=(1, 1, 2))
+    with pytest.raises(ValueError, match="expected the same dispersion"):
+        estimate_thickness(rebinned, model)
