@@ -24,12 +24,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import contextlib
+import sys
+
+import dask
+import dask.array as da
+import hyperspy.api as hs
 import numpy as np
+from dask.diagnostics import ProgressBar
 from scipy.signal import fftconvolve
 
 from .thickness import ReplicaInterval
 
-__all__ = ["BandGapResult", "OnsetFit", "estimate_band_gap", "fit_onset", "resolution_from"]
+__all__ = ["NAN_REASONS", "BandGapResult", "OnsetFit", "estimate_band_gap", "fit_onset", "resolution_from"]
 
 #: Exponent below which a gap is reported as direct (halfway between 0.5 and 1.5).
 DIRECT_INDIRECT_THRESHOLD = 1.0
@@ -289,9 +296,10 @@ def _vertex_offsets(local, lu, lv, ig, ib, grid_shape):
         inner = (lu > 0) & (lu < n_u - 1) & (ig > 0) & (ig < grid_shape[0] - 1)
         rows = np.arange(n)
         left, mid, right = (local[rows, np.clip(lu + k, 0, n_u - 1), 0] for k in (-1, 0, 1))
-        curvature = left - 2 * mid + right
-        ok = inner & np.isfinite(left) & np.isfinite(right) & (curvature > 0)
-        du = 0.5 * (left - right) / np.where(ok, curvature, 1.0)
+        with np.errstate(invalid="ignore"):  # inf - inf next to a rejected (negative-amplitude) point
+            curvature = left - 2 * mid + right
+            ok = inner & np.isfinite(curvature) & (curvature > 0)
+            du = 0.5 * (left - right) / np.where(ok, curvature, 1.0)
         ok &= np.abs(du) <= 1
         return np.where(ok, du, 0.0), np.zeros(n)
     inner = (lu > 0) & (lu < n_u - 1) & (lv > 0) & (lv < n_v - 1)
@@ -314,18 +322,23 @@ def _vertex_offsets(local, lu, lv, ig, ib, grid_shape):
 # HyperSpy-aware wrapper: one fit per pixel and ZLP replica
 # --------------------------------------------------------------------------
 
-#: Per pixel, :func:`estimate_band_gap`'s block function returns Eg and b at these percentiles
-#: (median, 68 % interval), then the fraction of replicas with an onset.
-_PERCENTILES = (50, 16, 84)
+#: Why a pixel of a band-gap map is NaN: code -> reason (code 0: a value was found).
+NAN_REASONS = {
+    1: "no significant onset in enough replicas (e.g. vacuum, or too noisy)",
+    2: "onset on the edge of the fit window (widen or move the window)",
+}
+
+#: Columns of :func:`estimate_band_gap`'s per-pixel block output.
+_COLUMNS = ("gap_median", "gap_low", "gap_high", "b_median", "b_low", "b_high", "found", "direct", "reason")
 
 
 @dataclass(frozen=True)
 class BandGapResult:
-    """Band-gap maps with intervals over the ZLP replicas.
+    """Band-gap maps with intervals over the Monte Carlo replicas.
 
     Every map is a HyperSpy signal with the input's navigation axes (lazy
     when the input was lazy); NaN where fewer than ``min_found`` of the
-    replicas show a significant onset.
+    replicas show a significant onset, with the reason in ``reason``.
 
     Attributes
     ----------
@@ -335,6 +348,11 @@ class BandGapResult:
         The same for the onset exponent b (0.5 direct, 1.5 indirect).
     found_fraction : hyperspy.signal.BaseSignal
         Fraction of the replicas with a significant onset in the window.
+    direct_fraction : hyperspy.signal.BaseSignal
+        Fraction of the replicas with an onset whose exponent is below 1
+        (direct); NaN where no replica has an onset.
+    reason : hyperspy.signal.BaseSignal
+        0 where a band gap was found, else a key of :data:`NAN_REASONS`.
     window : (float, float)
         Energy-loss window of the fits, eV.
     """
@@ -342,13 +360,43 @@ class BandGapResult:
     band_gap: ReplicaInterval
     exponent: ReplicaInterval
     found_fraction: object
+    direct_fraction: object
+    reason: object
     window: tuple
 
     def direct(self):
-        """True where the gap is direct (median exponent below 1), as a navigation map."""
-        out = self.exponent.median < DIRECT_INDIRECT_THRESHOLD
+        """True where most replicas find a direct gap (exponent below 1), as a navigation map."""
+        with np.errstate(invalid="ignore"):
+            out = self.direct_fraction > 0.5
         out.metadata.General.title = "Direct band gap"
         return out
+
+    def compute(self, *, progress: bool = True) -> "BandGapResult":
+        """An in-memory copy of a lazy result, every map computed in one pass over the data
+        (on the active dask scheduler, e.g. a ``dask.distributed`` client); ``self`` if eager."""
+        fields = ("band_gap", "exponent", "found_fraction", "direct_fraction", "reason")
+        maps = [m for name in fields for m in _maps(getattr(self, name))]
+        if not any(m._lazy for m in maps):
+            return self
+        with ProgressBar(out=sys.stderr) if progress else contextlib.nullcontext():
+            arrays = iter(dask.compute(*(m.data for m in maps)))
+        eager = iter(hs.signals.BaseSignal(np.asarray(next(arrays)), axes=m.axes_manager._get_axes_dicts(),
+                                           metadata=m.metadata.as_dictionary()) for m in maps)
+        out = {name: (ReplicaInterval(*(next(eager) for _ in range(3)))
+                      if isinstance(getattr(self, name), ReplicaInterval) else next(eager)) for name in fields}
+        return BandGapResult(window=self.window, **out)
+
+    def reason_counts(self) -> dict:
+        """Number of pixels per outcome: ``{"found": n, <reason>: n, ...}`` (computes a lazy map)."""
+        codes = np.asarray(self.reason.data if not self.reason._lazy else self.reason.data.compute())
+        counts = {"found": int(np.sum(codes == 0))}
+        counts.update({text: int(np.sum(codes == code)) for code, text in NAN_REASONS.items()})
+        return counts
+
+
+def _maps(value):
+    """The signals of a ReplicaInterval, or the one signal."""
+    return (value.median, value.low, value.high) if isinstance(value, ReplicaInterval) else (value,)
 
 
 def resolution_from(spectrum, energy, *, half_width: float = 1.0):
@@ -363,50 +411,88 @@ def resolution_from(spectrum, energy, *, half_width: float = 1.0):
     return kernel / kernel.sum()
 
 
-def _band_gap_block(block, *, model, energy, window, resolution, exponents, min_found):
+def _band_gap_block(block, *, variance=None, pixel=None, model, energy, window, resolution, exponents,
+                    background_order, min_found, random_state):
+    """Per pixel of ``block`` (n, n_energy): the columns of :data:`_COLUMNS` over the replicas.
+
+    Replica r of a pixel is its spectrum plus a Gaussian draw of its noise (``variance``
+    given; seeded by ``random_state`` and the pixel's flat index, so any blocking gives
+    the same numbers) minus the ZLP of the ensemble's replica r."""
     replicas = model.predict_replicas(block, energy)  # (n_rep, n, n_energy)
     n_rep, n = replicas.shape[:2]
-    fit = fit_onset((block[None] - replicas).reshape(n_rep * n, -1), energy, window=window,
-                    resolution=resolution, exponents=exponents)
+    inside = (energy >= window[0]) & (energy <= window[1])
+    pseudo = block[None, :, inside] - replicas[:, :, inside]
+    if variance is not None:
+        sigma = np.sqrt(np.clip(variance[:, inside], 0.0, None))
+        for i in range(n):
+            rng = np.random.default_rng([random_state, int(pixel[i])])
+            pseudo[:, i] += sigma[i] * rng.standard_normal((n_rep, sigma.shape[1]))
+    fit_energy = energy[inside]
+    fit = fit_onset(pseudo.reshape(n_rep * n, -1), fit_energy, window=(fit_energy[0], fit_energy[-1]),
+                    resolution=resolution, exponents=exponents, background_order=background_order)
     gap = fit.band_gap.reshape(n_rep, n)
     exponent = fit.exponent.reshape(n_rep, n)
-    found = fit.found.reshape(n_rep, n).mean(axis=0)
-    enough = found >= min_found
-    out = np.full((n, 2 * len(_PERCENTILES) + 1), np.nan)
-    if enough.any():
-        with np.errstate(all="ignore"):
+    found = fit.found.reshape(n_rep, n)
+    out = np.full((n, len(_COLUMNS)), np.nan)
+    out[:, 6] = found.mean(axis=0)
+    enough = out[:, 6] >= min_found
+    with np.errstate(all="ignore"):
+        out[:, 7] = np.sum(found & (exponent < DIRECT_INDIRECT_THRESHOLD), axis=0) / found.sum(axis=0)
+        if enough.any():
             out[enough, 0:3] = np.nanpercentile(gap[:, enough], _PERCENTILES, axis=0).T
             out[enough, 3:6] = np.nanpercentile(exponent[:, enough], _PERCENTILES, axis=0).T
-    out[:, 6] = found
+    edge = fit.at_edge.reshape(n_rep, n).sum(axis=0)
+    out[:, 8] = np.where(enough, 0, np.where(edge > (n_rep - found.sum(axis=0)) / 2, 2, 1))
     return out
 
 
-def estimate_band_gap(signal, model, *, window, resolution=None, exponents=None, min_found=0.5,
-                      block_pixels=64, progress=True) -> BandGapResult:
-    """Map the band gap of a low-loss spectrum image from its ZLP-subtracted replicas.
+#: Percentiles of :func:`estimate_band_gap`'s maps: median and 68 % interval.
+_PERCENTILES = (50, 16, 84)
 
-    For every pixel and every kept replica of ``model``, the replica's ZLP is
-    subtracted and :func:`fit_onset` fits the onset; the median and the 16th
-    and 84th percentiles over the replicas give the value and its 68 %
-    interval.
+
+def estimate_band_gap(signal, model, *, window, resolution=None, exponents=(0.5, 1.5), background_order=1,
+                      min_found=0.8, noise=True, random_state=0, block_pixels=64, progress=True) -> BandGapResult:
+    """Map the band gap of a low-loss spectrum image from Monte Carlo replicas.
+
+    Every pixel gets as many replicas as ``model`` has kept ZLP replicas:
+    replica r is the pixel's spectrum plus a random draw of its counting noise
+    (when ``noise``) minus ZLP replica r. :func:`fit_onset` fits the onset of
+    each; the median and the 16th and 84th percentiles over the replicas give
+    the value and its 68 % interval, which so carries both the uncertainty of
+    the ZLP and the noise of the data.
 
     Parameters
     ----------
     signal : exspy.signals.EELSSpectrum
         Low-loss spectra (counts) on the energy axis ``model`` was fitted on;
-        eager or lazy, any navigation shape.
+        eager or lazy, any navigation shape. A pooled signal
+        (:func:`~stemml_core.eels.denoise.pool_spectra`) carries its noise
+        variance in ``metadata.Signal.Noise_properties.variance``, which is
+        used when present; otherwise the variance is ``max(I, 0)`` (Poisson,
+        gain 1).
     model : stemml_core.eels.zlp.ZLPEnsemble
         A fitted ZLP ensemble.
     window : (float, float)
         Energy-loss window of the onset fits, eV: a few tenths of an eV below
-        the lowest expected gap to a few tenths above the highest.
+        the lowest expected gap to about 0.5 eV above the highest (the onset
+        of a real spectrum rolls over further up).
     resolution : array_like, optional
         Instrument resolution for the onset model (see :func:`resolution_from`).
-    exponents : array_like, optional
-        Exponent grid of :func:`fit_onset`.
+    exponents : sequence of float
+        Exponents of :func:`fit_onset`; the default ``(0.5, 1.5)`` lets every
+        replica choose between a direct and an indirect onset. A uniform grid
+        of at least 9 values fits b as a continuous parameter.
+    background_order : int
+        Degree of the polynomial under the onset (see :func:`fit_onset`).
     min_found : float
         Smallest fraction of replicas with a significant onset for a pixel to
         get a value (NaN otherwise, e.g. vacuum).
+    noise : bool
+        Add a draw of the data's noise to every replica (see above). False:
+        the intervals reflect the ZLP uncertainty alone.
+    random_state : int
+        Seed of the noise draws; with the pixel's index it fixes every draw,
+        so eager, lazy and distributed runs give the same maps.
     block_pixels : int
         Pixels per block (memory: about ``block_pixels x n_replicas x
         n_energy`` floats per block).
@@ -420,7 +506,8 @@ def estimate_band_gap(signal, model, *, window, resolution=None, exponents=None,
     Raises
     ------
     ValueError
-        An energy axis other than the model's, or a window outside it.
+        An energy axis other than the model's, a window outside it, a
+        variance of another shape than the data, or bad options.
     """
     from sklearn.utils.validation import check_is_fitted
 
@@ -436,29 +523,55 @@ def estimate_band_gap(signal, model, *, window, resolution=None, exponents=None,
         )
     if not 0.0 <= min_found <= 1.0:
         raise ValueError(f"min_found={min_found}; expected a fraction between 0 and 1")
+    if not isinstance(random_state, (int, np.integer)) or isinstance(random_state, bool) or random_state < 0:
+        raise ValueError(f"random_state={random_state!r}; expected a non-negative int (it seeds every pixel's draws)")
     if resolution is not None:
         resolution = np.asarray(resolution, dtype=np.float64)
     # validate the window and grids once, before any block runs
-    fit_onset(np.zeros((1, energy.size)), energy, window=window, exponents=exponents, resolution=resolution)
-    out = map_pixels(signal, _band_gap_block, output_shape=(2 * len(_PERCENTILES) + 1,),
+    fit_onset(np.zeros((1, energy.size)), energy, window=window, exponents=exponents, resolution=resolution,
+              background_order=background_order)
+    extra = {}
+    if noise:
+        extra = {"variance": _noise_variance(signal),
+                 "pixel": np.arange(int(np.prod(signal.data.shape[:-1]))).reshape(signal.data.shape[:-1])}
+    out = map_pixels(signal, _band_gap_block, output_shape=(len(_COLUMNS),), extra=extra,
                      block_pixels=block_pixels, progress=progress, description="band gap", model=model,
                      energy=energy, window=tuple(window), resolution=resolution, exponents=exponents,
-                     min_found=min_found)
+                     background_order=background_order, min_found=min_found, random_state=int(random_state))
 
-    def item(index, title, quantity):
-        one = out.isig[index]
+    def item(name, title, quantity):
+        one = out.isig[_COLUMNS.index(name)]
         one = one.transpose(signal_axes=0) if one.axes_manager.signal_dimension else one
         one.metadata.General.title = title
         one.metadata.set_item("Signal.quantity", quantity)
         return one
 
-    def interval(first, name, quantity):
-        return ReplicaInterval(*(item(first + i, f"{name} ({label})", quantity)
-                                 for i, label in enumerate(("median", "16th percentile", "84th percentile"))))
+    def interval(prefix, name, quantity):
+        return ReplicaInterval(*(item(f"{prefix}_{key}", f"{name} ({label})", quantity) for key, label in
+                                 (("median", "median"), ("low", "16th percentile"), ("high", "84th percentile"))))
 
     return BandGapResult(
-        band_gap=interval(0, "Band gap", "Band gap (eV)"),
-        exponent=interval(3, "Onset exponent", "Onset exponent"),
-        found_fraction=item(6, "Replicas with an onset", "Fraction"),
+        band_gap=interval("gap", "Band gap", "Band gap (eV)"),
+        exponent=interval("b", "Onset exponent", "Onset exponent"),
+        found_fraction=item("found", "Replicas with an onset", "Fraction"),
+        direct_fraction=item("direct", "Replicas with a direct onset", "Fraction"),
+        reason=item("reason", "Why no band gap (0: found)", "Reason code"),
         window=tuple(window),
     )
+
+
+def _noise_variance(signal):
+    """The per-channel noise variance of ``signal``'s counts (numpy or dask, the data's shape)."""
+    variance = signal.metadata.get_item("Signal.Noise_properties.variance")
+    xp = da if signal._lazy else np
+    if variance is None:
+        return xp.clip(signal.data, 0, None)
+    data = variance.data if hasattr(variance, "data") else variance
+    if np.ndim(data) == 0:
+        return xp.full(signal.data.shape, float(data))
+    if tuple(data.shape) != tuple(signal.data.shape):
+        raise ValueError(
+            f"metadata.Signal.Noise_properties.variance has shape {tuple(data.shape)}; expected a number or "
+            f"the data's shape {tuple(signal.data.shape)}"
+        )
+    return data

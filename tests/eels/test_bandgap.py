@@ -151,22 +151,104 @@ def test_band_gap_maps_keep_the_scan_and_match_lazy(flake_and_model):
 
     signal, truth, model = flake_and_model
     resolution = resolution_from(model.cluster_medians_[-1], model.energy_, half_width=0.5)
-    eager = estimate_band_gap(signal, model, window=(1.0, 2.6), resolution=resolution, progress=False)
-    lazy = estimate_band_gap(signal.as_lazy(), model, window=(1.0, 2.6), resolution=resolution)
-    pairs = [(getattr(eager.band_gap, p), getattr(lazy.band_gap, p)) for p in ("median", "low", "high")]
-    pairs += [(eager.exponent.median, lazy.exponent.median), (eager.found_fraction, lazy.found_fraction)]
-    for got, other in pairs:
+    eager = estimate_band_gap(signal, model, window=(1.0, 2.6), resolution=resolution, block_pixels=7,
+                              progress=False)
+    lazy_signal = signal.as_lazy()
+    lazy_signal.data = lazy_signal.data.rechunk((4, 3, -1))
+    lazy = estimate_band_gap(lazy_signal, model, window=(1.0, 2.6), resolution=resolution)
+    assert lazy.band_gap.median._lazy
+    computed = lazy.compute(progress=False)
+    pairs = [(getattr(eager.band_gap, p), getattr(computed.band_gap, p)) for p in ("median", "low", "high")]
+    pairs += [(eager.exponent.median, computed.exponent.median), (eager.found_fraction, computed.found_fraction),
+              (eager.direct_fraction, computed.direct_fraction), (eager.reason, computed.reason)]
+    for got, other in pairs:  # the noise draws do not depend on the blocking
         assert got.axes_manager.navigation_shape == (8, 6) and got.axes_manager.signal_dimension == 0
         assert [a.units for a in got.axes_manager.navigation_axes] == ["nm", "nm"]
-        other.compute()
+        assert not other._lazy
         np.testing.assert_allclose(other.data, got.data, equal_nan=True)
     gap, low, high = (np.asarray(getattr(eager.band_gap, p).data) for p in ("median", "low", "high"))
     valid = np.isfinite(gap)
     assert valid.any()
     assert np.all((low[valid] <= gap[valid]) & (gap[valid] <= high[valid]))
     assert np.all((gap[valid] >= 1.0) & (gap[valid] <= 2.6 - 0.15))
+    assert set(np.unique(eager.exponent.median.data[valid])) <= {0.5, 1.0, 1.5}
+    assert np.array_equal(eager.reason.data == 0, valid)
+    assert sum(eager.reason_counts().values()) == 48
     assert eager.band_gap.median.metadata.Signal.quantity == "Band gap (eV)"
     assert eager.direct().data.dtype == bool
+    other_seed = estimate_band_gap(signal, model, window=(1.0, 2.6), resolution=resolution, random_state=1,
+                                   progress=False)
+    assert not np.allclose(other_seed.band_gap.median.data, gap, equal_nan=True)
+
+
+def test_band_gap_on_a_local_cluster_matches_memory(flake_and_model):
+    distributed = pytest.importorskip("distributed")
+    from stemml_core.eels.bandgap import estimate_band_gap
+
+    signal, _, model = flake_and_model
+    expected = estimate_band_gap(signal, model, window=(1.0, 2.6), progress=False)
+    lazy_signal = signal.as_lazy()
+    lazy_signal.data = lazy_signal.data.rechunk((3, 4, -1))
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster):
+        result = estimate_band_gap(lazy_signal, model, window=(1.0, 2.6)).compute(progress=False)
+    for name in ("median", "low", "high"):
+        np.testing.assert_array_equal(getattr(result.band_gap, name).data, getattr(expected.band_gap, name).data)
+    np.testing.assert_array_equal(result.reason.data, expected.reason.data)
+
+
+def test_all_vacuum_gives_nan_with_its_reason(flake_and_model):
+    from stemml_core.eels.bandgap import NAN_REASONS, estimate_band_gap
+
+    signal, truth, model = flake_and_model
+    vacuum = signal.inav[0, :]  # the first column lies in vacuum
+    assert truth.vacuum[:, 0].all()
+    result = estimate_band_gap(vacuum, model, window=(1.0, 2.6), progress=False)
+    assert np.isnan(result.band_gap.median.data).all()
+    assert np.all(result.reason.data == 1)
+    assert result.reason_counts() == {"found": 0, NAN_REASONS[1]: 6, NAN_REASONS[2]: 0}
+    single = estimate_band_gap(signal.inav[5, 3], model, window=(1.0, 2.6), progress=False)  # one spectrum works
+    assert single.band_gap.median.data.shape in ((), (1,))
+
+
+def test_a_variance_of_the_wrong_shape_is_refused(flake_and_model):
+    from stemml_core.eels.bandgap import estimate_band_gap
+
+    signal, _, model = flake_and_model
+    bad = signal.deepcopy()
+    bad.metadata.set_item("Signal.Noise_properties.variance", np.ones(5))
+    with pytest.raises(ValueError, match=r"variance has shape \(5,\); expected a number or the data's shape"):
+        estimate_band_gap(bad, model, window=(1.0, 2.6), progress=False)
+
+
+@pytest.fixture(scope="module")
+def pooled_flake():
+    from stemml_core.eels.denoise import pool_spectra
+    from stemml_core.eels.zlp import ZLPEnsemble
+    from stemml_core.synthetic.lowloss import flake_sample
+
+    signal, truth = flake_sample((24, 32), random_state=0, dose=1e7, energy_range=(-1.0, 9.0))
+    model = ZLPEnsemble(n_replicas=20, n_clusters=5, random_state=0, progress=False).fit(signal)
+    return pool_spectra(signal, 1.0, labels=model.labels_.reshape(truth.vacuum.shape)), truth, model
+
+
+def test_band_gap_map_recovers_the_truth(pooled_flake):
+    from stemml_core.eels.bandgap import estimate_band_gap, resolution_from
+
+    pooled, truth, model = pooled_flake
+    resolution = resolution_from(model.cluster_medians_[-1], model.energy_, half_width=0.5)
+    result = estimate_band_gap(pooled, model, window=(1.1, 2.3), resolution=resolution, progress=False)
+    gap, low, high = (getattr(result.band_gap, p).data for p in ("median", "low", "high"))
+    specimen = truth.t_over_lambda > 0.3
+    error = gap[specimen] - truth.band_gap[specimen]
+    # Measured (seed 0, 20 replicas): found 97 %, median |error| 0.027 eV, type right in 98 %, coverage 0.85.
+    assert np.isfinite(error).mean() >= 0.9
+    assert np.nanmedian(np.abs(error)) <= 0.05
+    direct = result.direct_fraction.data[specimen] > 0.5
+    assert np.mean(direct == (truth.gap_exponent[specimen] < 1)) >= 0.9
+    inside = (low[specimen] <= truth.band_gap[specimen]) & (truth.band_gap[specimen] <= high[specimen])
+    assert inside.mean() >= 0.55
+    assert np.isnan(gap[truth.vacuum]).all() and np.all(result.reason.data[truth.vacuum] == 1)
 
 
 def test_band_gap_refuses_another_energy_axis_and_bad_options(flake_and_model):
