@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import hyperspy.api as hs
-import numpy as np
 import pytest
 
 from stemml_core import cli, datasets

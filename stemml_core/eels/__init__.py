@@ -1,6 +1,6 @@
 """Low-loss EELS analyses: ZLP removal, thickness, band gap, dielectric function, features."""
 
-from .bandgap import BandGapResult, estimate_band_gap, fit_onset, resolution_from
+from .bandgap import BandGapResult, estimate_band_gap, fit_onset, onset_curve, resolution_from
 from .denoise import pool_spectra
 from .dielectric import DielectricResult, dielectric_function, fourier_log_deconvolution, kramers_kronig
 from .thickness import ReplicaInterval, estimate_thickness, log_ratio, mean_free_path
@@ -19,6 +19,7 @@ __all__ = [
     "kramers_kronig",
     "log_ratio",
     "mean_free_path",
+    "onset_curve",
     "pool_spectra",
     "resolution_from",
 ]

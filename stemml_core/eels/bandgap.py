@@ -36,7 +36,8 @@ from scipy.signal import fftconvolve
 
 from .thickness import ReplicaInterval
 
-__all__ = ["NAN_REASONS", "BandGapResult", "OnsetFit", "estimate_band_gap", "fit_onset", "resolution_from"]
+__all__ = ["NAN_REASONS", "BandGapResult", "OnsetFit", "estimate_band_gap", "fit_onset", "onset_curve",
+           "resolution_from"]
 
 #: Exponent below which a gap is reported as direct (halfway between 0.5 and 1.5).
 DIRECT_INDIRECT_THRESHOLD = 1.0
@@ -281,6 +282,39 @@ def fit_onset(
     return OnsetFit(found=found, at_edge=at_edge, **out)
 
 
+def onset_curve(spectrum, energy, *, band_gap, exponent, window, resolution=None, background_order=1):
+    """The fitted curve of :func:`fit_onset`'s model at given ``(Eg, b)``, for plots.
+
+    Parameters
+    ----------
+    spectrum : array_like, shape (n_energy,)
+        One inelastic spectrum, counts per channel.
+    energy : array_like, shape (n_energy,)
+        Energy loss, eV, uniform and increasing.
+    band_gap, exponent : float
+        Eg (eV) and b, e.g. the medians of :func:`estimate_band_gap`.
+    window, resolution, background_order
+        As for :func:`fit_onset`.
+
+    Returns
+    -------
+    energy : numpy.ndarray
+        The channels inside ``window``, eV.
+    total, background : numpy.ndarray
+        Least-squares fit of background plus onset, and its background part, counts.
+    """
+    spectrum = np.asarray(spectrum, dtype=np.float64)
+    energy = np.asarray(energy, dtype=np.float64)
+    inside = (energy >= window[0]) & (energy <= window[1])
+    if spectrum.shape != energy.shape or inside.sum() < background_order + 3:
+        raise ValueError(f"spectrum has shape {spectrum.shape} and the window {window} eV holds {inside.sum()} "
+                         f"channels; expected the shape {energy.shape} and at least {background_order + 3} channels")
+    onset = _onset_table(energy, window, np.array([float(band_gap)]), np.array([float(exponent)]), resolution)[0, 0]
+    design = np.column_stack([_background(energy[inside], background_order), onset])
+    coef = np.linalg.lstsq(design, spectrum[inside], rcond=None)[0]
+    return energy[inside], design @ coef, design[:, :-1] @ coef[:-1]
+
+
 # Least-squares fit of a quadratic surface to a 3 x 3 neighbourhood: the pseudo-inverse of the
 # design matrix [1, u, v, u², v², uv] at the offsets u, v in {-1, 0, 1}.
 _U, _V = (g.ravel() for g in np.meshgrid([-1, 0, 1], [-1, 0, 1], indexing="ij"))
@@ -350,7 +384,7 @@ class BandGapResult:
         Fraction of the replicas with a significant onset in the window.
     direct_fraction : hyperspy.signal.BaseSignal
         Fraction of the replicas with an onset whose exponent is below 1
-        (direct); NaN where no replica has an onset.
+        (direct); NaN where the band gap is NaN.
     reason : hyperspy.signal.BaseSignal
         0 where a band gap was found, else a key of :data:`NAN_REASONS`.
     window : (float, float)
@@ -437,8 +471,9 @@ def _band_gap_block(block, *, variance=None, pixel=None, model, energy, window, 
     out[:, 6] = found.mean(axis=0)
     enough = out[:, 6] >= min_found
     with np.errstate(all="ignore"):
-        out[:, 7] = np.sum(found & (exponent < DIRECT_INDIRECT_THRESHOLD), axis=0) / found.sum(axis=0)
         if enough.any():
+            direct = found[:, enough] & (exponent[:, enough] < DIRECT_INDIRECT_THRESHOLD)
+            out[enough, 7] = direct.sum(axis=0) / found[:, enough].sum(axis=0)
             out[enough, 0:3] = np.nanpercentile(gap[:, enough], _PERCENTILES, axis=0).T
             out[enough, 3:6] = np.nanpercentile(exponent[:, enough], _PERCENTILES, axis=0).T
     edge = fit.at_edge.reshape(n_rep, n).sum(axis=0)

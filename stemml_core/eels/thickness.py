@@ -240,7 +240,7 @@ def mean_free_path(
 # --------------------------------------------------------------------------
 
 
-def estimate_thickness(signal, zlp, *, mean_free_path=None, density=None, z_eff=None):
+def estimate_thickness(signal, zlp, *, mean_free_path=None, density=None, z_eff=None, progress=True):
     """Map of t/λ, or of the thickness t in nm, by the log-ratio method, with its interval over ZLP replicas.
 
     Parameters
@@ -264,6 +264,8 @@ def estimate_thickness(signal, zlp, *, mean_free_path=None, density=None, z_eff=
         convergence angles from the signal's metadata.
 
     At most one of `mean_free_path`, `density` and `z_eff` may be given; with none, the maps are t/λ.
+    progress : bool
+        Progress bar over the blocks of pixels of an in-memory signal.
 
     Returns
     -------
@@ -314,7 +316,8 @@ def estimate_thickness(signal, zlp, *, mean_free_path=None, density=None, z_eff=
     extra, source, n_replicas = _zlp_source(signal, zlp, energy)
     out = map_pixels(
         signal, _log_ratio_interval, output_shape=(len(PERCENTILES),), extra=extra,
-        block_pixels=max(1, _BLOCK_VALUES // ((1 + n_replicas) * energy.size)), scale=scale, **source,
+        block_pixels=max(1, _BLOCK_VALUES // ((1 + n_replicas) * energy.size)), progress=progress,
+        description="t/λ", scale=scale, **source,
     )
     quantity = "Thickness (nm)" if given else "t/λ"
     return ReplicaInterval(*(

@@ -272,3 +272,16 @@ def test_resolution_from_a_zlp():
     assert kernel.size == 41 and kernel.sum() == pytest.approx(1.0) and np.argmax(kernel) == 20
     with pytest.raises(ValueError, match="half_width=2.0 eV reaches past the energy axis"):
         resolution_from(zlp, energy, half_width=2.0)
+
+
+def test_onset_curve_reproduces_a_noise_free_onset():
+    from stemml_core.eels.bandgap import onset_curve
+
+    spectrum = _onsets(np.array([1.4]), np.array([1.5]))[0]
+    e, total, background = onset_curve(spectrum, ENERGY, band_gap=1.4, exponent=1.5, window=(0.8, 2.6))
+    inside = (ENERGY >= 0.8) & (ENERGY <= 2.6)
+    np.testing.assert_allclose(e, ENERGY[inside])
+    np.testing.assert_allclose(total, spectrum[inside], rtol=1e-9)
+    np.testing.assert_allclose(background, 5 + 4 * e, rtol=1e-9)
+    with pytest.raises(ValueError, match="expected the shape"):
+        onset_curve(spectrum[:10], ENERGY, band_gap=1.4, exponent=1.5, window=(0.8, 2.6))
