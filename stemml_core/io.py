@@ -137,7 +137,7 @@ def _converted(signal: BaseSignal, axes_factors, original: BaseSignal) -> BaseSi
     return signal
 
 
-def load_lowloss(source, *, lazy: bool = False) -> BaseSignal:
+def load_lowloss(source, *, lazy: bool = False, calibrated_scan: bool = False) -> BaseSignal:
     """Load a low-loss EELS spectrum or spectrum image with a calibrated energy axis.
 
     Parameters
@@ -147,6 +147,9 @@ def load_lowloss(source, *, lazy: bool = False) -> BaseSignal:
         axis (energy loss) and zero, one or two navigation axes.
     lazy : bool
         Load as a dask-backed lazy signal.
+    calibrated_scan : bool
+        Require navigation axes in length units (for maps whose axes must be
+        in nm); False accepts uncalibrated (pixel) navigation axes.
 
     Returns
     -------
@@ -160,7 +163,7 @@ def load_lowloss(source, *, lazy: bool = False) -> BaseSignal:
         Unreadable file; not one signal axis (e.g. a 4D-STEM dataset); more
         than two navigation axes; energy axis not in eV/meV/keV, non-uniform or
         decreasing; an energy range that does not contain 0 eV (no zero-loss
-        peak).
+        peak); with ``calibrated_scan``, a navigation axis without length units.
     """
     signal = _with_signal_axes(load_signal(source, lazy=lazy), 1)
     where = _describe(source)
@@ -187,6 +190,8 @@ def load_lowloss(source, *, lazy: bool = False) -> BaseSignal:
     factors = [(energy.index_in_axes_manager, factor, "eV")]
     for axis in am.navigation_axes:
         unit = axis.units if isinstance(axis.units, str) else ""
+        if calibrated_scan:
+            _check_axis(axis, where, "scan", _LENGTH_UNITS, "'nm' (or 'Å', 'pm', 'µm')")
         if unit in _LENGTH_UNITS:
             factors.append((axis.index_in_axes_manager, _LENGTH_UNITS[unit], "nm"))
     result = _converted(signal, factors, source if isinstance(source, BaseSignal) else None)

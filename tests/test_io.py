@@ -100,6 +100,15 @@ def test_decreasing_energy_axis():
         io.load_lowloss(_eels(scale=-0.01, offset=1.5))
 
 
+def test_uncalibrated_scan_refused_only_when_maps_need_nm():
+    s = _eels()
+    s.axes_manager.navigation_axes[1].units = ""
+    assert io.load_lowloss(s).axes_manager.navigation_shape == (4, 3)  # pixels are fine by default
+    with pytest.raises(io.InputError, match=r"scan axis 'y' has units '.*'; expected 'nm'"):
+        io.load_lowloss(s, calibrated_scan=True)
+    assert io.load_lowloss(_eels(), calibrated_scan=True).axes_manager.navigation_axes[0].units == "nm"
+
+
 def test_energy_range_without_zlp():
     with pytest.raises(io.InputError, match=r"spans 5 to 6.99 eV; expected a low-loss range that contains"):
         io.load_lowloss(_eels(offset=5.0))
