@@ -70,7 +70,7 @@ def load_signal(source, *, lazy: bool = False) -> BaseSignal:
             f"expected a file path or a HyperSpy signal, got {type(source).__name__}"
         )
     path = Path(source)
-    if not path.is_file():
+    if not (path.is_file() or (path.is_dir() and path.suffix == ".zspy")):  # zspy: a zarr folder
         raise InputError(f"'{path}': no such file")
     hs_logger = logging.getLogger("hyperspy")
     level = hs_logger.level
@@ -80,7 +80,7 @@ def load_signal(source, *, lazy: bool = False) -> BaseSignal:
     except Exception as exc:  # every reader raises its own type: report them as one
         raise InputError(
             f"'{path}': HyperSpy/RosettaSciIO cannot read this file "
-            f"({type(exc).__name__}: {exc}); expected a readable .hspy, .dm3, .dm4, .emd, .msa, ... file"
+            f"({type(exc).__name__}: {exc}); expected a readable .hspy, .zspy, .dm3, .dm4, .emd, .msa, ... file"
         ) from exc
     finally:
         hs_logger.setLevel(level)

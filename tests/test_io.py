@@ -46,6 +46,15 @@ def test_lowloss_single_spectrum_msa(tmp_path):
     np.testing.assert_allclose(s.axes_manager.signal_axes[0].scale, 0.01)
 
 
+@pytest.mark.filterwarnings("ignore:The NestedDirectoryStore is deprecated")  # RosettaSciIO's zspy writer
+def test_lowloss_lazy_from_a_zspy_folder(tmp_path):
+    s = _eels()
+    s.save(tmp_path / "si.zspy")
+    loaded = io.load_lowloss(tmp_path / "si.zspy", lazy=True)
+    assert loaded._lazy
+    np.testing.assert_array_equal(loaded.data.compute(), s.data)
+
+
 def test_lowloss_lazy(tmp_path):
     path = tmp_path / "si.hspy"
     _eels().save(path)

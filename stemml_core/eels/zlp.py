@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
+import dask.array as da
 import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter1d
@@ -76,8 +77,10 @@ OVERSHOOT_SIGMAS = 3.0
 MIN_DAMPING = 1e-4
 #: Most ln N_tot values at which predictions evaluate the ensemble.
 N_NODES = 256
-#: Elements per chunk of prediction work (bounds the memory to ~64 MB).
-PREDICT_CHUNK = 2**24
+#: Elements of the largest array of one block of prediction work: 2 MB of
+#: float32, which stays in a core's L2 cache (blocks of 64 MB made the
+#: network evaluation 7 times and the interpolation 10 times slower).
+PREDICT_BLOCK = 2**19
 
 
 # --------------------------------------------------------------------------
@@ -956,7 +959,9 @@ class ZLPEnsemble(BaseEstimator):
 
     Predictions evaluate the ensemble once per node of a grid of ln N_tot (at
     most ``N_NODES``) and interpolate its percentiles linearly to each
-    spectrum: 100 x 100 spectra x 98 replicas in about 3 s.
+    spectrum, in blocks that stay in the CPU cache: :meth:`subtract` on
+    100 x 100 spectra x 98 replicas in about 0.3-0.5 s on one core of the
+    same machine.
 
     References
     ----------
@@ -1217,7 +1222,7 @@ class ZLPEnsemble(BaseEstimator):
         n_kept, n_energy = theta.shape[0], self.energy_.size
         scaled_energy = energy_a * self.energy_ + energy_b
         zlp = np.empty((n_kept, log_ntot.size, n_energy), dtype=np.float32)
-        chunk = max(1, PREDICT_CHUNK // (n_kept * n_energy))
+        chunk = max(1, PREDICT_BLOCK // (n_kept * max(sizes) * n_energy))
         with _torch_threads(self.n_threads), torch.no_grad():
             for start in range(0, log_ntot.size, chunk):
                 values = log_ntot[start : start + chunk]
@@ -1240,18 +1245,53 @@ class ZLPEnsemble(BaseEstimator):
         nodes = np.unique(log_ntot)
         if nodes.size > N_NODES:
             nodes = np.linspace(nodes[0], nodes[-1], N_NODES)
-        at_nodes = np.percentile(self._network_zlp(nodes), PERCENTILES, axis=0).astype(np.float32)
+        at_nodes = _percentiles(self._network_zlp(nodes), PERCENTILES)
         if nodes.size == 1:
             return np.repeat(at_nodes, log_ntot.size, axis=1)
         right = np.clip(np.searchsorted(nodes, log_ntot), 1, nodes.size - 1)
         weight = ((log_ntot - nodes[right - 1]) / (nodes[right] - nodes[right - 1])).astype(np.float32)
         out = np.empty((len(PERCENTILES), log_ntot.size, self.energy_.size), dtype=np.float32)
-        chunk = max(1, PREDICT_CHUNK // (len(PERCENTILES) * self.energy_.size))
+        chunk = max(1, PREDICT_BLOCK // (len(PERCENTILES) * self.energy_.size))
         for start in range(0, log_ntot.size, chunk):
             sl = slice(start, start + chunk)
             w = weight[sl, None]
             out[:, sl] = at_nodes[:, right[sl] - 1] * (1 - w) + at_nodes[:, right[sl]] * w
         return out
+
+    def predict_clusters(self, X, energy=None):
+        """The cluster of every spectrum: the nearest cluster centre in ln N_tot.
+
+        Parameters
+        ----------
+        X : hyperspy Signal1D/EELSSpectrum (eager or lazy) or array-like of shape (..., n_energy)
+            Spectra in counts on the energy axis of the fit. Not modified.
+        energy : array-like of shape (n_energy,), optional
+            Energy loss (eV) for an array input; None for a signal.
+
+        Returns
+        -------
+        labels : ndarray of int, shape ``...`` (the navigation shape)
+            0 to ``n_clusters - 1`` in ascending ln N_tot, as :attr:`labels_`;
+            a dask array for a lazy signal (e.g. for
+            :func:`~stemml_core.eels.denoise.pool_spectra` on data larger than memory).
+        """
+        if getattr(X, "_lazy", False):
+            check_is_fitted(self)
+            if energy is not None:
+                raise ValueError("energy is taken from the signal's axis; pass energy=None with a signal.")
+            fitted, axis = self.energy_, _energy_from_signal(X)
+            if axis.shape != fitted.shape or np.abs(axis - fitted).max() > 1e-3 * (fitted[1] - fitted[0]):
+                raise ValueError(
+                    f"the energy axis ({axis.size} channels, {axis[0]:.4g} to {axis[-1]:.4g} eV) differs from "
+                    f"the one the model was fitted on ({fitted.size} channels); crop the data to it."
+                )
+            log_ntot = da.log(X.data.astype(np.float64).sum(axis=-1))
+            return da.argmin(da.fabs(log_ntot[..., None] - self.cluster_centers_), axis=-1)
+        spectra, shape, _ = self._prepare(X, energy)
+        return self._nearest_cluster(log_total_intensity(spectra)).reshape(shape[:-1])
+
+    def _nearest_cluster(self, log_ntot):
+        return np.argmin(np.abs(np.asarray(log_ntot)[:, None] - self.cluster_centers_), axis=1)
 
     def predict(self, X, energy=None):
         """The ZLP of every spectrum: ensemble median with 68 % and 95 % intervals.
@@ -1332,7 +1372,7 @@ class ZLPEnsemble(BaseEstimator):
         data = spectra.astype(np.float32)
         median, low, high, low95, high95 = zlp
         bands = np.stack([data - median, data - high, data - low, data - high95, data - low95])
-        cluster = np.argmin(np.abs(log_total_intensity(spectra)[:, None] - self.cluster_centers_), axis=1)
+        cluster = self._nearest_cluster(log_total_intensity(spectra))
         in_zlp = self.energy_ <= self.de2_[cluster][:, None]
         noise = np.sqrt(np.maximum(data, SINGLE_COUNT) + ((high - low) / 2) ** 2)
         overshoot = np.sum(in_zlp & (data - median < -OVERSHOOT_SIGMAS * noise), axis=1) / in_zlp.sum(axis=1)
@@ -1481,6 +1521,36 @@ def _point_layout(energy, de1, de2, n_pseudo):
         channel=np.concatenate(channels),
         n_fit=n_fit,
     )
+
+
+def _percentiles(values, q):
+    """``np.percentile(values, q, axis=0)`` (its default, linear method) from one sort.
+
+    Parameters
+    ----------
+    values : ndarray of floats, shape (n, ...)
+        Samples along the first axis.
+    q : sequence of float
+        Percentiles, 0 to 100.
+
+    Returns
+    -------
+    percentiles : ndarray of shape (len(q), ...)
+        Of the dtype of ``values``; NaN wherever a column holds a NaN, as numpy.
+
+    Notes
+    -----
+    numpy's vectorised sort is about 6 times faster than the partition
+    ``np.percentile`` uses, on 100 replicas x 10^5 columns of float32.
+    """
+    ordered = np.sort(values, axis=0)
+    position = np.asarray(q, dtype=np.float64) / 100 * (values.shape[0] - 1)
+    below = np.floor(position).astype(int)
+    above = np.minimum(below + 1, values.shape[0] - 1)
+    fraction = (position - below).astype(values.dtype).reshape(-1, *[1] * (values.ndim - 1))
+    out = ordered[below] + (ordered[above] - ordered[below]) * fraction
+    out[:, np.isnan(ordered[-1])] = np.nan  # np.sort puts NaN last
+    return out
 
 
 def _chi2(theta, data, sizes):

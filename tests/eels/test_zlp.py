@@ -2,6 +2,7 @@
 
 import os
 
+import dask.array as da
 import numpy as np
 import pytest
 from sklearn.base import clone
@@ -204,6 +205,23 @@ def test_subtract_is_data_minus_zlp_percentiles(flake, fitted):
     np.testing.assert_allclose(inelastic.median, signal.data - zlp.median, atol=1e-3)
     np.testing.assert_allclose(inelastic.low, signal.data - zlp.high, atol=1e-3)
     np.testing.assert_allclose(inelastic.high95, signal.data - zlp.low95, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_percentiles_equal_numpy_with_ties_and_nan(dtype):
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(98, 7, 30)).astype(dtype)
+    values[:, 0] = np.round(values[:, 0])  # ties
+    values[:, 1] = 3.0  # all equal
+    values[5, 2, 4] = np.nan
+    values[:, 3, 0] = np.nan
+    q = (50.0, 16.0, 84.0, 2.5, 97.5, 0.0, 100.0)
+    expected = np.percentile(values, q, axis=0)
+    result = zlp_module._percentiles(values, q)
+    assert result.shape == expected.shape and result.dtype == dtype
+    # round-off of the interpolation between neighbours: a few eps of their magnitude; NaN where numpy has NaN
+    eps = np.finfo(dtype).eps
+    np.testing.assert_allclose(result, expected, rtol=4 * eps, atol=4 * eps * np.nanmax(np.abs(values)))
 
 
 # --------------------------------------------------------------------------
@@ -419,3 +437,15 @@ def test_accuracy_on_the_full_flake_with_100_replicas():
     chi2 = ((median - zlp) / ((high - low) / 2)) ** 2
     assert 0.55 <= inside[window].mean() <= 0.85
     assert chi2[window].mean() < 2
+
+
+def test_predict_clusters_reproduces_the_fit_labels_eager_and_lazy(flake, fitted):
+    signal = flake[0]
+    np.testing.assert_array_equal(fitted.predict_clusters(signal), fitted.labels_)
+    lazy = signal.as_lazy()
+    lazy.data = lazy.data.rechunk((5, 7, -1))
+    labels = fitted.predict_clusters(lazy)
+    assert isinstance(labels, da.Array)
+    np.testing.assert_array_equal(labels.compute(), fitted.labels_)
+    with pytest.raises(ValueError, match="differs from the one the model was fitted on"):
+        fitted.predict_clusters(lazy.isig[:2.0])
