@@ -1276,19 +1276,23 @@ class ZLPEnsemble(BaseEstimator):
             :func:`~stemml_core.eels.denoise.pool_spectra` on data larger than memory).
         """
         if getattr(X, "_lazy", False):
-            check_is_fitted(self)
-            if energy is not None:
-                raise ValueError("energy is taken from the signal's axis; pass energy=None with a signal.")
-            fitted, axis = self.energy_, _energy_from_signal(X)
-            if axis.shape != fitted.shape or np.abs(axis - fitted).max() > 1e-3 * (fitted[1] - fitted[0]):
-                raise ValueError(
-                    f"the energy axis ({axis.size} channels, {axis[0]:.4g} to {axis[-1]:.4g} eV) differs from "
-                    f"the one the model was fitted on ({fitted.size} channels); crop the data to it."
-                )
+            self._check_lazy(X, energy)
             log_ntot = da.log(X.data.astype(np.float64).sum(axis=-1))
             return da.argmin(da.fabs(log_ntot[..., None] - self.cluster_centers_), axis=-1)
         spectra, shape, _ = self._prepare(X, energy)
         return self._nearest_cluster(log_total_intensity(spectra)).reshape(shape[:-1])
+
+    def _check_lazy(self, signal, energy):
+        """Raise unless a lazy ``signal`` (energy=None) is on the energy axis of the fit."""
+        check_is_fitted(self)
+        if energy is not None:
+            raise ValueError("energy is taken from the signal's axis; pass energy=None with a signal.")
+        fitted, axis = self.energy_, _energy_from_signal(signal)
+        if axis.shape != fitted.shape or np.abs(axis - fitted).max() > 1e-3 * (fitted[1] - fitted[0]):
+            raise ValueError(
+                f"the energy axis ({axis.size} channels, {axis[0]:.4g} to {axis[-1]:.4g} eV) differs from "
+                f"the one the model was fitted on ({fitted.size} channels); crop the data to it."
+            )
 
     def _nearest_cluster(self, log_ntot):
         return np.argmin(np.abs(np.asarray(log_ntot)[:, None] - self.cluster_centers_), axis=1)
@@ -1348,7 +1352,7 @@ class ZLPEnsemble(BaseEstimator):
 
         Parameters
         ----------
-        X : hyperspy Signal1D/EELSSpectrum or array-like of shape (..., n_energy)
+        X : hyperspy Signal1D/EELSSpectrum (eager or lazy) or array-like of shape (..., n_energy)
             Spectra in counts on the energy axis of the fit. Not modified.
         energy : array-like of shape (n_energy,), optional
             Energy loss (eV) for an array input; None for a signal.
@@ -1357,7 +1361,9 @@ class ZLPEnsemble(BaseEstimator):
         -------
         inelastic : Subtraction
             Counts of shape ``(..., n_energy)`` (float32) and the overshoot
-            fraction of shape ``...``; signals for a signal input.
+            fraction of shape ``...``; signals for a signal input, lazy for a
+            lazy signal (computed block by block of pixels when asked for, so
+            that data larger than memory can be subtracted and saved).
 
         Notes
         -----
@@ -1367,6 +1373,8 @@ class ZLPEnsemble(BaseEstimator):
         data beyond the noise, the negative inelastic counts stay, and
         ``overshoot`` reports them.
         """
+        if getattr(X, "_lazy", False):
+            return self._lazy_subtraction(X, energy)
         spectra, shape, signal = self._prepare(X, energy)
         zlp = self._zlp_percentiles(spectra)
         data = spectra.astype(np.float32)
@@ -1380,6 +1388,25 @@ class ZLPEnsemble(BaseEstimator):
         if signal is not None:
             overshoot = _navigation_signal(signal, overshoot, "ZLP overshoot fraction")
         return _band(Subtraction, bands.reshape(len(PERCENTILES), *shape), signal, "inelastic", overshoot=overshoot)
+
+    def _lazy_subtraction(self, signal, energy):
+        """:meth:`subtract` of a lazy signal: one dask task per block of navigation chunks."""
+        from ..blocks import map_pixels
+
+        self._check_lazy(signal, energy)
+        n_energy = self.energy_.size
+        stacked = map_pixels(signal, self._subtraction_rows, output_shape=(len(PERCENTILES) + 1, n_energy),
+                             dtype=np.float32)
+        bands = [stacked.data[..., k, :] for k in range(len(PERCENTILES))]
+        overshoot = _navigation_signal(signal, stacked.data[..., -1, 0], "ZLP overshoot fraction")
+        return _band(Subtraction, bands, signal, "inelastic", overshoot=overshoot)
+
+    def _subtraction_rows(self, block):
+        """:meth:`subtract` of a block (n, n_energy) as (n, 6, n_energy): the five bands, then the overshoot."""
+        inelastic = self.subtract(block, self.energy_)
+        rows = [getattr(inelastic, field.name) for field in fields(EnsembleBand)]
+        rows.append(np.broadcast_to(inelastic.overshoot[:, None], block.shape))
+        return np.stack(rows, axis=1)
 
     # -- persistence ---------------------------------------------------------
 

@@ -449,3 +449,17 @@ def test_predict_clusters_reproduces_the_fit_labels_eager_and_lazy(flake, fitted
     np.testing.assert_array_equal(labels.compute(), fitted.labels_)
     with pytest.raises(ValueError, match="differs from the one the model was fitted on"):
         fitted.predict_clusters(lazy.isig[:2.0])
+
+
+def test_subtract_of_a_lazy_signal_is_lazy_and_equals_the_eager_one(flake, fitted):
+    signal = flake[0]
+    eager = fitted.subtract(signal)
+    lazy = signal.as_lazy()
+    lazy.data = lazy.data.rechunk((3, 5, -1))
+    result = fitted.subtract(lazy)
+    assert result.median._lazy and result.overshoot._lazy
+    for name in ("median", "low", "high", "low95", "high95", "overshoot"):
+        got = getattr(result, name)
+        got.compute()
+        np.testing.assert_allclose(got.data, getattr(eager, name).data, rtol=1e-6, atol=1e-3)
+    assert result.median.axes_manager.signal_axes[0].units == "eV"
