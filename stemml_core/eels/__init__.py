@@ -3,22 +3,35 @@
 from .bandgap import BandGapResult, estimate_band_gap, fit_onset, onset_curve, resolution_from
 from .denoise import pool_spectra
 from .dielectric import DielectricResult, dielectric_function, fourier_log_deconvolution, kramers_kronig
+from .features import (FeatureFit, FeatureLabels, FeatureMap, FeatureMapResult, cluster_spectra, find_features,
+                       label_features, map_features)
+from .replicas import inelastic_replicas, noise_variance
 from .thickness import ReplicaInterval, estimate_thickness, log_ratio, mean_free_path
 from .zlp import ZLPEnsemble
 
 __all__ = [
     "BandGapResult",
     "DielectricResult",
+    "FeatureFit",
+    "FeatureLabels",
+    "FeatureMap",
+    "FeatureMapResult",
     "ReplicaInterval",
     "ZLPEnsemble",
+    "cluster_spectra",
     "dielectric_function",
     "estimate_band_gap",
     "estimate_thickness",
+    "find_features",
     "fit_onset",
     "fourier_log_deconvolution",
+    "inelastic_replicas",
     "kramers_kronig",
+    "label_features",
     "log_ratio",
+    "map_features",
     "mean_free_path",
+    "noise_variance",
     "onset_curve",
     "pool_spectra",
     "resolution_from",

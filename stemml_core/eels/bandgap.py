@@ -28,12 +28,12 @@ import contextlib
 import sys
 
 import dask
-import dask.array as da
 import hyperspy.api as hs
 import numpy as np
 from dask.diagnostics import ProgressBar
 from scipy.signal import fftconvolve
 
+from .replicas import inelastic_replicas, noise_variance
 from .thickness import ReplicaInterval
 
 __all__ = ["NAN_REASONS", "BandGapResult", "OnsetFit", "estimate_band_gap", "fit_onset", "onset_curve",
@@ -452,15 +452,10 @@ def _band_gap_block(block, *, variance=None, pixel=None, model, energy, window, 
     Replica r of a pixel is its spectrum plus a Gaussian draw of its noise (``variance``
     given; seeded by ``random_state`` and the pixel's flat index, so any blocking gives
     the same numbers) minus the ZLP of the ensemble's replica r."""
-    replicas = model.predict_replicas(block, energy)  # (n_rep, n, n_energy)
-    n_rep, n = replicas.shape[:2]
     inside = (energy >= window[0]) & (energy <= window[1])
-    pseudo = block[None, :, inside] - replicas[:, :, inside]
-    if variance is not None:
-        sigma = np.sqrt(np.clip(variance[:, inside], 0.0, None))
-        for i in range(n):
-            rng = np.random.default_rng([random_state, int(pixel[i])])
-            pseudo[:, i] += sigma[i] * rng.standard_normal((n_rep, sigma.shape[1]))
+    pseudo = inelastic_replicas(block, model, energy, inside, variance=variance, pixel=pixel,
+                                random_state=random_state)
+    n_rep, n = pseudo.shape[:2]
     fit_energy = energy[inside]
     fit = fit_onset(pseudo.reshape(n_rep * n, -1), fit_energy, window=(fit_energy[0], fit_energy[-1]),
                     resolution=resolution, exponents=exponents, background_order=background_order)
@@ -567,7 +562,7 @@ def estimate_band_gap(signal, model, *, window, resolution=None, exponents=(0.5,
               background_order=background_order)
     extra = {}
     if noise:
-        extra = {"variance": _noise_variance(signal),
+        extra = {"variance": noise_variance(signal),
                  "pixel": np.arange(int(np.prod(signal.data.shape[:-1]))).reshape(signal.data.shape[:-1])}
     out = map_pixels(signal, _band_gap_block, output_shape=(len(_COLUMNS),), extra=extra,
                      block_pixels=block_pixels, progress=progress, description="band gap", model=model,
@@ -593,20 +588,3 @@ def estimate_band_gap(signal, model, *, window, resolution=None, exponents=(0.5,
         reason=item("reason", "Why no band gap (0: found)", "Reason code"),
         window=tuple(window),
     )
-
-
-def _noise_variance(signal):
-    """The per-channel noise variance of ``signal``'s counts (numpy or dask, the data's shape)."""
-    variance = signal.metadata.get_item("Signal.Noise_properties.variance")
-    xp = da if signal._lazy else np
-    if variance is None:
-        return xp.clip(signal.data, 0, None)
-    data = variance.data if hasattr(variance, "data") else variance
-    if np.ndim(data) == 0:
-        return xp.full(signal.data.shape, float(data))
-    if tuple(data.shape) != tuple(signal.data.shape):
-        raise ValueError(
-            f"metadata.Signal.Noise_properties.variance has shape {tuple(data.shape)}; expected a number or "
-            f"the data's shape {tuple(signal.data.shape)}"
-        )
-    return data
