@@ -68,7 +68,7 @@ def inelastic_replicas(block, model, energy, inside, *, variance=None, pixel=Non
     numpy.ndarray, shape (n_replicas, n, inside.sum())
         Counts.
     """
-    replicas = block[None, :, inside] - model.predict_replicas(block, energy)[..., inside]
+    replicas = block[None, :, inside] - model.predict_replicas(block, energy, channels=inside)
     if variance is not None:
         sigma = np.sqrt(np.clip(variance[:, inside], 0.0, None))
         for i in range(block.shape[0]):

@@ -1212,15 +1212,16 @@ class ZLPEnsemble(BaseEstimator):
             )
         return spectra, shape, signal
 
-    def _network_zlp(self, log_ntot):
-        """ZLP counts of every kept replica at each ln N_tot: (n_kept, n_values, n_energy)."""
+    def _network_zlp(self, log_ntot, channels=slice(None)):
+        """ZLP counts of every kept replica at each ln N_tot on the given channels of the fit's
+        energy axis: (n_kept, n_values, n_channels)."""
         sizes = _layer_sizes(tuple(self.hidden))
         theta = _tensor(self.weights_[self.kept_], self.device)
         energy_a, energy_b = self.energy_scaler_
         ntot_a, ntot_b = self.log_ntot_scaler_
         out_a, out_b = self.output_scaler_
-        n_kept, n_energy = theta.shape[0], self.energy_.size
-        scaled_energy = energy_a * self.energy_ + energy_b
+        scaled_energy = energy_a * self.energy_[channels] + energy_b
+        n_kept, n_energy = theta.shape[0], scaled_energy.size
         zlp = np.empty((n_kept, log_ntot.size, n_energy), dtype=np.float32)
         chunk = max(1, PREDICT_BLOCK // (n_kept * max(sizes) * n_energy))
         with _torch_threads(self.n_threads), torch.no_grad():
@@ -1324,7 +1325,7 @@ class ZLPEnsemble(BaseEstimator):
         bands = self._zlp_percentiles(spectra).reshape(len(PERCENTILES), *shape)
         return _band(EnsembleBand, bands, signal, "ZLP")
 
-    def predict_replicas(self, X, energy=None):
+    def predict_replicas(self, X, energy=None, *, channels=None):
         """The ZLP of every spectrum from each kept replica.
 
         Parameters
@@ -1333,19 +1334,28 @@ class ZLPEnsemble(BaseEstimator):
             Spectra in counts on the energy axis of the fit. Not modified.
         energy : array-like of shape (n_energy,), optional
             Energy loss (eV) for an array input; None for a signal.
+        channels : array-like of bool, shape (n_energy,), optional
+            Evaluate the ZLP only on these channels (e.g. a fit window); the
+            networks' cost scales with their number. None: all channels.
 
         Returns
         -------
-        zlp : ndarray of shape (n_kept, ..., n_energy)
+        zlp : ndarray of shape (n_kept, ..., n_channels)
             Counts (float32), one ZLP per kept replica and spectrum, evaluated
-            at each spectrum's own ln N_tot; subtract from the data for
-            per-replica inelastic spectra.
+            at each spectrum's own ln N_tot (from all its channels); subtract
+            from the data for per-replica inelastic spectra.
         """
         spectra, shape, _ = self._prepare(X, energy)
+        if channels is None:
+            channels = np.ones(self.energy_.size, dtype=bool)
+        channels = np.asarray(channels)
+        if channels.shape != self.energy_.shape or channels.dtype != bool:
+            raise ValueError(f"channels has shape {channels.shape} and dtype {channels.dtype}; expected a boolean "
+                             f"mask of the {self.energy_.size} channels of the fit")
         log_ntot = log_total_intensity(spectra)
         nodes, index = np.unique(log_ntot, return_inverse=True)
-        zlp = self._network_zlp(nodes)[:, index]
-        return zlp.reshape(zlp.shape[0], *shape)
+        zlp = self._network_zlp(nodes, channels)[:, index]
+        return zlp.reshape(zlp.shape[0], *shape[:-1], zlp.shape[-1])
 
     def subtract(self, X, energy=None):
         """The inelastic spectrum, data minus ZLP, with its intervals and an overshoot flag.

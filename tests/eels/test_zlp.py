@@ -463,3 +463,14 @@ def test_subtract_of_a_lazy_signal_is_lazy_and_equals_the_eager_one(flake, fitte
         got.compute()
         np.testing.assert_allclose(got.data, getattr(eager, name).data, rtol=1e-6, atol=1e-3)
     assert result.median.axes_manager.signal_axes[0].units == "eV"
+
+
+def test_predict_replicas_on_a_window_of_channels(flake, fitted):
+    signal = flake[0]
+    inside = (fitted.energy_ > 1.0) & (fitted.energy_ < 2.0)
+    full = fitted.predict_replicas(signal)
+    window = fitted.predict_replicas(signal, channels=inside)
+    assert window.shape == full.shape[:-1] + (int(inside.sum()),)
+    np.testing.assert_allclose(window, full[..., inside], rtol=1e-5)
+    with pytest.raises(ValueError, match="expected a boolean mask of the"):
+        fitted.predict_replicas(signal, channels=np.ones(3, dtype=bool))
