@@ -36,7 +36,7 @@ from scipy.signal import fftconvolve
 from .replicas import inelastic_replicas, noise_variance
 from .thickness import ReplicaInterval
 
-__all__ = ["NAN_REASONS", "BandGapResult", "OnsetFit", "estimate_band_gap", "fit_onset", "onset_curve",
+__all__ = ["NAN_REASONS", "BandGapResult", "OnsetFit", "estimate_band_gap", "fit_onset", "onset_curve", "onset_window",
            "resolution_from"]
 
 #: Exponent below which a gap is reported as direct (halfway between 0.5 and 1.5).
@@ -445,6 +445,63 @@ def resolution_from(spectrum, energy, *, half_width: float = 1.0):
     return kernel / kernel.sum()
 
 
+def onset_window(model, *, resolution=None, search=(0.5, 3.0), below=0.4, above=0.6, min_relative=0.2,
+                 iterations=3):
+    """A band-gap fit window chosen from the data: around the onsets of the clusters' median spectra.
+
+    For every cluster of ``model`` the median ZLP is subtracted from the cluster's
+    median spectrum and the onset is located by :func:`fit_onset` (direct or indirect),
+    first in ``search``, then ``iterations`` times in ``[Eg - below, Eg + 2 above]``
+    around the last estimate. Clusters whose subtracted signal in the search range is
+    below ``min_relative`` of the strongest cluster's (vacuum, where only a residual of
+    the ZLP remains) are left out.
+
+    Parameters
+    ----------
+    model : stemml_core.eels.zlp.ZLPEnsemble
+        Fitted ensemble (its ``cluster_medians_``).
+    resolution : array_like, optional
+        Instrument resolution, see :func:`resolution_from`.
+    search : (float, float)
+        Energy-loss range of the first search, eV.
+    below, above : float
+        The window runs from ``below`` eV under the lowest cluster onset to ``above``
+        eV over the highest.
+    min_relative : float
+        Smallest subtracted signal of a cluster, relative to the strongest, for its onset to count.
+    iterations : int
+        Refinements of each cluster's onset.
+
+    Returns
+    -------
+    (float, float)
+        The window, eV, clipped to the model's energy axis.
+
+    Raises
+    ------
+    ValueError
+        No cluster shows a significant onset (e.g. an all-vacuum image): give ``window``.
+    """
+    energy = model.energy_
+    lo, hi = max(search[0], energy[0]), min(search[1], energy[-1])
+    inelastic = np.asarray(model.subtract(model.cluster_medians_, energy).median, dtype=np.float64)
+    inside = (energy >= lo) & (energy <= hi)
+    strength = np.clip(inelastic[:, inside], 0.0, None).sum(axis=1)
+    onsets = fit_onset(inelastic, energy, window=(lo, hi), resolution=resolution, exponents=(0.5, 1.5)).band_gap
+    onsets[strength < min_relative * strength.max()] = np.nan
+    for _ in range(iterations):
+        for k in np.flatnonzero(np.isfinite(onsets)):
+            window = (max(energy[0], onsets[k] - below), min(energy[-1], onsets[k] + 2 * above))
+            onsets[k] = fit_onset(inelastic[k:k + 1], energy, window=window, resolution=resolution,
+                                  exponents=(0.5, 1.5)).band_gap[0]
+    if not np.isfinite(onsets).any():
+        raise ValueError(
+            f"no cluster's median spectrum shows a band-gap onset between {lo:.3g} and {hi:.3g} eV "
+            "(an all-vacuum image?); give the fit window explicitly"
+        )
+    return (max(energy[0], float(np.nanmin(onsets)) - below), min(energy[-1], float(np.nanmax(onsets)) + above))
+
+
 def _band_gap_block(block, *, variance=None, pixel=None, model, energy, window, resolution, exponents,
                     background_order, min_found, random_state):
     """Per pixel of ``block`` (n, n_energy): the columns of :data:`_COLUMNS` over the replicas.
@@ -480,7 +537,7 @@ def _band_gap_block(block, *, variance=None, pixel=None, model, energy, window, 
 _PERCENTILES = (50, 16, 84)
 
 
-def estimate_band_gap(signal, model, *, window, resolution=None, exponents=(0.5, 1.5), background_order=1,
+def estimate_band_gap(signal, model, *, window=None, resolution=None, exponents=(0.5, 1.5), background_order=1,
                       min_found=0.8, noise=True, random_state=0, block_pixels=64, progress=True) -> BandGapResult:
     """Map the band gap of a low-loss spectrum image from Monte Carlo replicas.
 
@@ -502,10 +559,11 @@ def estimate_band_gap(signal, model, *, window, resolution=None, exponents=(0.5,
         gain 1).
     model : stemml_core.eels.zlp.ZLPEnsemble
         A fitted ZLP ensemble.
-    window : (float, float)
+    window : (float, float), optional
         Energy-loss window of the onset fits, eV: a few tenths of an eV below
         the lowest expected gap to about 0.5 eV above the highest (the onset
-        of a real spectrum rolls over further up).
+        of a real spectrum rolls over further up). None: chosen from the
+        clusters' median spectra by :func:`onset_window`.
     resolution : array_like, optional
         Instrument resolution for the onset model (see :func:`resolution_from`).
     exponents : sequence of float
@@ -557,6 +615,8 @@ def estimate_band_gap(signal, model, *, window, resolution=None, exponents=(0.5,
         raise ValueError(f"random_state={random_state!r}; expected a non-negative int (it seeds every pixel's draws)")
     if resolution is not None:
         resolution = np.asarray(resolution, dtype=np.float64)
+    if window is None:
+        window = onset_window(model, resolution=resolution)
     # validate the window and grids once, before any block runs
     fit_onset(np.zeros((1, energy.size)), energy, window=window, exponents=exponents, resolution=resolution,
               background_order=background_order)

@@ -285,3 +285,18 @@ def test_onset_curve_reproduces_a_noise_free_onset():
     np.testing.assert_allclose(background, 5 + 4 * e, rtol=1e-9)
     with pytest.raises(ValueError, match="expected the shape"):
         onset_curve(spectrum[:10], ENERGY, band_gap=1.4, exponent=1.5, window=(0.8, 2.6))
+
+
+def test_the_window_chosen_from_the_data_brackets_the_onsets(pooled_flake):
+    from stemml_core.eels.bandgap import estimate_band_gap, onset_window, resolution_from
+
+    pooled, truth, model = pooled_flake
+    resolution = resolution_from(model.cluster_medians_[-1], model.energy_, half_width=0.5)
+    low, high = onset_window(model, resolution=resolution)
+    # the clusters' onsets lie at 1.5-1.7 eV (cluster medians of a gap from 1.5 to 1.9 eV)
+    assert 1.0 <= low <= 1.25 and 2.1 <= high <= 2.45
+    result = estimate_band_gap(pooled, model, resolution=resolution, progress=False)
+    assert result.window == (low, high)
+    specimen = truth.t_over_lambda > 0.3
+    error = result.band_gap.median.data[specimen] - truth.band_gap[specimen]
+    assert np.isfinite(error).mean() >= 0.9 and np.nanmedian(np.abs(error)) <= 0.05
