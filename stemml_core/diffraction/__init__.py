@@ -5,7 +5,11 @@
 - :mod:`~stemml_core.diffraction.strain`: strain and rotation maps of a HyperSpy signal, and the
   reference region chosen from a segmentation;
 - :mod:`~stemml_core.diffraction.bilayer`: twisted bilayers, a joint fit of both lattices, per-layer
-  strain and the twist angle.
+  strain and the twist angle;
+- :mod:`~stemml_core.diffraction.field`: centre of mass, descan, scan-detector rotation, projected
+  field, integrated potential (iCoM), charge density and DPC of focused-probe data;
+- :mod:`~stemml_core.diffraction.polarization`: polar domains, their sign with an uncertainty from
+  the dose, and domain walls.
 """
 
 from stemml_core.diffraction.bilayer import BilayerResult, JointFit, bilayer_strain_map, fit_lattices, twist_angle
@@ -21,6 +25,19 @@ from stemml_core.diffraction.disks import (
     refine_disks,
     template_shape,
 )
+from stemml_core.diffraction.field import (
+    FieldResult,
+    ScanRotation,
+    center_of_mass,
+    divergence,
+    field_map,
+    find_scan_rotation,
+    integrate_gradient,
+    interaction_constant,
+    quadrant_dpc,
+    remove_descan,
+    to_scan_frame,
+)
 from stemml_core.diffraction.lattice import (
     FitStatus,
     LatticeFit,
@@ -29,6 +46,7 @@ from stemml_core.diffraction.lattice import (
     lattice_basis,
     reduce_basis,
 )
+from stemml_core.diffraction.polarization import PolarizationResult, domain_walls, polarization_map
 from stemml_core.diffraction.strain import (
     StrainResult,
     plot_strain,
@@ -41,27 +59,41 @@ __all__ = [
     "BilayerResult",
     "DirectBeam",
     "Disks",
+    "FieldResult",
     "FitStatus",
     "JointFit",
     "LatticeFit",
+    "PolarizationResult",
+    "ScanRotation",
     "StrainResult",
     "bilayer_strain_map",
+    "center_of_mass",
     "cross_correlate",
     "direct_beam",
     "disk_radius",
+    "divergence",
+    "domain_walls",
+    "field_map",
     "find_disks",
+    "find_scan_rotation",
     "fit_basis",
     "fit_descan",
     "fit_lattices",
     "index_vectors",
+    "integrate_gradient",
+    "interaction_constant",
     "lattice_basis",
     "plot_strain",
+    "polarization_map",
     "probe_template",
+    "quadrant_dpc",
     "reduce_basis",
     "reference_region",
     "refine_disks",
+    "remove_descan",
     "strain_components",
     "strain_map",
     "template_shape",
+    "to_scan_frame",
     "twist_angle",
 ]

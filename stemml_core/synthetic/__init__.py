@@ -12,17 +12,22 @@ from stemml_core.synthetic.diffraction import (
     strained_flake,
     twisted_bilayer,
 )
+from stemml_core.synthetic.field import FieldTruth, atomic_monolayer, polar_bilayer, simulate_field_4dstem
 from stemml_core.synthetic.lowloss import LowLossTruth, flake_sample, simulate_lowloss, single_spectrum
 from stemml_core.synthetic.nanostructures import NanostructureTruth, nanostructure_sample
 
 __all__ = [
+    "FieldTruth",
     "LayerStrain",
     "LowLossTruth",
     "NanostructureTruth",
     "StrainTruth",
+    "atomic_monolayer",
     "flake_sample",
     "nanostructure_sample",
+    "polar_bilayer",
     "simulate_4dstem",
+    "simulate_field_4dstem",
     "simulate_lowloss",
     "single_spectrum",
     "strained_flake",
