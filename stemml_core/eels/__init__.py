@@ -1,6 +1,6 @@
 """Low-loss EELS analyses: ZLP removal, thickness, band gap, dielectric function, features."""
 
-from .bandgap import BandGapResult, estimate_band_gap, fit_onset, onset_curve, resolution_from
+from .bandgap import BandGapResult, estimate_band_gap, fit_onset, onset_curve, onset_window, resolution_from
 from .denoise import pool_spectra
 from .dielectric import DielectricResult, dielectric_function, fourier_log_deconvolution, kramers_kronig
 from .features import (FeatureFit, FeatureLabels, FeatureMap, FeatureMapResult, cluster_spectra, find_features,
@@ -33,6 +33,7 @@ __all__ = [
     "mean_free_path",
     "noise_variance",
     "onset_curve",
+    "onset_window",
     "pool_spectra",
     "resolution_from",
 ]
