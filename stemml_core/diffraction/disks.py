@@ -235,8 +235,9 @@ def fit_descan(origins, *, order: int = 2, n_iterations: int = 5) -> np.ndarray:
         Total degree of the polynomial in the scan coordinates (0 constant, 1 a plane, 2
         quadratic).
     n_iterations : int
-        Reweighting passes (Tukey biweight, ``c = 4.685`` robust standard deviations), so
-        outliers such as a pattern whose brightest disk was not the direct beam get zero weight.
+        Least-squares passes, each but the first reweighted (Tukey biweight, ``c = 4.685`` robust
+        standard deviations), so outliers such as a pattern whose brightest disk was not the
+        direct beam get zero weight; 0 or 1: one unweighted fit.
 
     Returns
     -------
@@ -271,16 +272,20 @@ def fit_descan(origins, *, order: int = 2, n_iterations: int = 5) -> np.ndarray:
             f"fit_descan has {finite.sum()} finite origins for a polynomial of order {order} "
             f"({len(terms)} terms); expected at least {len(terms)}. Lower order or check the direct beam."
         )
-    weights = finite.astype(float)
     clean = np.where(finite[:, None], values, 0.0)
-    for _ in range(n_iterations):
+
+    def weighted_fit(weights):
         root = np.sqrt(weights)[:, None]
-        coefficients = np.linalg.lstsq(design * root, clean * root, rcond=None)[0]
+        return np.linalg.lstsq(design * root, clean * root, rcond=None)[0]
+
+    coefficients = weighted_fit(finite.astype(float))
+    for _ in range(n_iterations - 1):
         distance = np.linalg.norm(clean - design @ coefficients, axis=1)
         scale = _MAD_TO_SIGMA * np.median(distance[finite])
         if scale == 0:
             break
-        weights = np.where(finite, np.clip(1 - (distance / (4.685 * scale)) ** 2, 0, None) ** 2, 0.0)
+        coefficients = weighted_fit(
+            np.where(finite, np.clip(1 - (distance / (4.685 * scale)) ** 2, 0, None) ** 2, 0.0))
     return (design @ coefficients).reshape(rows, cols, 2)
 
 

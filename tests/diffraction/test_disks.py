@@ -115,6 +115,17 @@ def test_fit_descan_recovers_a_quadratic_and_ignores_outliers():
     assert np.abs(fitted - truth).max() < 0.01
 
 
+def test_fit_descan_without_reweighting_is_one_least_squares_fit():
+    v, u = np.meshgrid(np.linspace(-1, 1, 6), np.linspace(-1, 1, 8), indexing="ij")
+    plane = np.stack([64 + 0.5 * v, 64 - 0.2 * u], axis=-1)
+    noisy = plane + np.random.default_rng(1).normal(scale=0.01, size=plane.shape)
+    for n_iterations in (0, 1):
+        fitted = fit_descan(noisy, order=1, n_iterations=n_iterations)
+        residual = noisy - fitted
+        np.testing.assert_allclose(residual.reshape(-1, 2).mean(axis=0), 0.0, atol=1e-9)  # least squares
+        assert np.abs(fitted - plane).max() < 0.01
+
+
 def test_fit_descan_needs_enough_points():
     origins = np.full((3, 3, 2), np.nan)
     origins[0, :2] = 64.0
