@@ -209,6 +209,11 @@ class LatticeFit:
         ``(n,)`` int, disks used (the ``(0, 0)`` disk included).
     status : numpy.ndarray
         ``(n,)`` uint8 :class:`FitStatus` codes.
+    covariance : numpy.ndarray
+        ``(n, 2, 2)`` covariance of ``(G[c, 0], G[c, 1])``, the same for both components ``c``
+        (units of the vectors squared; the two components are uncorrelated): ``s² (X^T W X)^-1``
+        of the weighted least squares, with the weights' scale ``s²`` estimated from the
+        residuals; NaN where not ``OK`` or with fewer than four disks.
     """
 
     basis: np.ndarray
@@ -216,6 +221,7 @@ class LatticeFit:
     residual: np.ndarray
     n_disks: np.ndarray
     status: np.ndarray
+    covariance: np.ndarray
 
     def __post_init__(self):
         for f in fields(self):
@@ -243,7 +249,7 @@ def fit_basis(vectors, indices, weights, pattern, n_patterns: int) -> LatticeFit
     Returns
     -------
     LatticeFit
-        Basis, offset, residual, number of disks and status per pattern.
+        Basis, offset, residual, number of disks, status and basis covariance per pattern.
 
     Notes
     -----
@@ -282,12 +288,20 @@ def fit_basis(vectors, indices, weights, pattern, n_patterns: int) -> LatticeFit
     solution[ok] = np.linalg.solve(normal[ok], right[ok])
     offset, basis = solution[:, 0], np.swapaxes(solution[:, 1:], 1, 2)  # G[:, c] = g_c
     misfit = vectors - offset[pattern] - np.einsum("mij,mj->mi", basis[pattern], indices)
+    n_disks = np.bincount(pattern, minlength=n_patterns)
+    weighted_squares = total(weights * (misfit**2).sum(axis=1))
+    covariance = np.full((n_patterns, 2, 2), np.nan)
+    determined = ok & (n_disks > 3)
+    # two coordinates per disk, three unknowns (offset, g1, g2) per coordinate
+    scale = weighted_squares[determined] / (2 * (n_disks[determined] - 3))
+    covariance[determined] = scale[:, None, None] * np.linalg.inv(normal[determined])[:, 1:, 1:]
     with np.errstate(invalid="ignore", divide="ignore"):
-        residual = np.sqrt(total(weights * (misfit**2).sum(axis=1)) / normal[:, 0, 0])
+        residual = np.sqrt(weighted_squares / normal[:, 0, 0])
     return LatticeFit(
         basis=basis,
         offset=offset,
         residual=np.where(ok, residual, np.nan),
-        n_disks=np.bincount(pattern, minlength=n_patterns),
+        n_disks=n_disks,
         status=status.astype(np.uint8),
+        covariance=covariance,
     )

@@ -37,12 +37,12 @@ from stemml_core.diffraction.lattice import FitStatus, fit_basis, index_vectors,
 from stemml_core.io import InputError, load_4dstem
 from stemml_core.segment import PatternSegmentation
 
-__all__ = ["StrainResult", "plot_strain", "reference_region", "strain_components", "strain_map"]
+__all__ = ["StrainResult", "plot_strain", "reference_region", "strain_components", "strain_map", "strain_uncertainty"]
 
 _SAMPLE_SIDE = 16
 """The global steps (disk radius, template, lattice) read a grid of at most 16 x 16 patterns."""
 
-_N_OUTPUTS = 9  # per pattern: G (4), origin (2), residual, n_disks, status
+_N_OUTPUTS = 12  # per pattern: G (4), origin (2), residual, n_disks, status, covariance of G's rows (3)
 
 
 def _rotation(angle_deg: float) -> np.ndarray:
@@ -91,6 +91,42 @@ def strain_components(basis, reference_basis) -> tuple[np.ndarray, np.ndarray, n
     return exx, eyy, exy, theta
 
 
+def strain_uncertainty(basis, covariance, reference_basis) -> tuple[np.ndarray, ...]:
+    """Standard deviations of exx, eyy, exy and theta from the covariance of the fitted bases.
+
+    Parameters
+    ----------
+    basis : array_like
+        ``(..., 2, 2)`` fitted bases ``G`` (1/nm), as for :func:`strain_components`.
+    covariance : array_like
+        ``(..., 2, 2)`` covariance of each row ``(G[c, 0], G[c, 1])`` of ``G`` (1/nm²), the rows
+        uncorrelated (:attr:`~stemml_core.diffraction.lattice.LatticeFit.covariance`).
+    reference_basis : array_like
+        ``(2, 2)`` reference ``G0``, taken as exact (a median over many patterns).
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        ``(...)`` standard deviations of exx, eyy, exy (dimensionless) and theta (rad), to first
+        order: with ``F^T = G0 G^-1``, ``dF^T = -G0 G^-1 dG G^-1``.
+    """
+    basis = np.asarray(basis, dtype=float)
+    covariance = np.asarray(covariance, dtype=float)
+    inverse = np.linalg.inv(basis)
+    left = np.asarray(reference_basis, dtype=float) @ inverse  # G0 G^-1
+    # gradient of every component with respect to every element G[c, j]: (..., 4 components, 2, 2)
+    gradient = np.empty(basis.shape[:-2] + (4, 2, 2))
+    for c in range(2):
+        for j in range(2):
+            # dF^T for dG = E_cj (1 at (c, j)): -(G0 G^-1)[:, c] (G^-1)[j, :]
+            d_ft = -left[..., :, c, None] * inverse[..., None, j, :]
+            gradient[..., :, c, j] = np.stack([d_ft[..., 0, 0], d_ft[..., 1, 1],
+                                              (d_ft[..., 1, 0] + d_ft[..., 0, 1]) / 2,
+                                              (d_ft[..., 1, 0] - d_ft[..., 0, 1]) / 2], axis=-1)
+    variance = np.einsum("...ocj,...jk,...ock->...o", gradient, covariance, gradient)
+    return tuple(np.sqrt(variance[..., k]) for k in range(4))
+
+
 def _fit_block(
     patterns,
     *,
@@ -103,10 +139,11 @@ def _fit_block(
     index_tolerance,
     device,
 ) -> np.ndarray:
-    """Disks, indices and basis of a block of patterns (n, H, W): (n, 9) per-pattern numbers.
+    """Disks, indices and basis of a block of patterns (n, H, W): (n, 12) per-pattern numbers.
 
     Columns: ``G[0, 0], G[0, 1], G[1, 0], G[1, 1]`` (1/nm, scan frame), direct-beam centre
-    ``(row, col)`` px (the brightest disk), residual (1/nm), disks used, status code.
+    ``(row, col)`` px (the brightest disk), residual (1/nm), disks used, status code, and the
+    covariance ``C[0, 0], C[0, 1], C[1, 1]`` of each row ``(G[c, 0], G[c, 1])`` (1/nm²).
     """
     n = len(patterns)
     disks = find_disks(patterns, template, min_snr=min_snr, min_relative=min_relative, device=device)
@@ -126,7 +163,8 @@ def _fit_block(
         FitStatus.NO_DISKS,
         np.where(fit.status == FitStatus.NO_DISKS, FitStatus.TOO_FEW_INDEXED, fit.status),
     )
-    return np.column_stack([fit.basis.reshape(n, 4), origin, fit.residual, fit.n_disks, status])
+    covariance = fit.covariance.reshape(n, 4)[:, [0, 1, 3]]
+    return np.column_stack([fit.basis.reshape(n, 4), origin, fit.residual, fit.n_disks, status, covariance])
 
 
 @dataclass(frozen=True)
@@ -169,6 +207,10 @@ class StrainResult:
         Disk radius (convergence semi-angle over wavelength), 1/nm.
     scan_rotation : float
         Scan-diffraction rotation that was undone, degrees.
+    exx_std, eyy_std, exy_std, theta_std : hyperspy.signal.BaseSignal
+        One standard deviation of each map from the lattice fit's covariance
+        (:func:`strain_uncertainty`), same units; NaN also where a pattern has fewer than
+        four disks. None for the layers of a bilayer fit, which has no covariance yet.
     """
 
     exx: BaseSignal
@@ -186,6 +228,10 @@ class StrainResult:
     template: np.ndarray
     disk_radius: float
     scan_rotation: float
+    exx_std: BaseSignal | None = None
+    eyy_std: BaseSignal | None = None
+    exy_std: BaseSignal | None = None
+    theta_std: BaseSignal | None = None
 
     def __post_init__(self):
         for f in fields(self):
@@ -543,6 +589,8 @@ def strain_map(
             )
         reference_basis = np.median(basis[mask], axis=0)
     components = strain_components(basis, reference_basis)
+    covariance = values[..., [9, 10, 10, 11]].reshape(scan_shape + (2, 2))
+    errors = strain_uncertainty(np.where(ok[..., None, None], basis, np.eye(2)), covariance, reference_basis)
     maps = [
         navigation_map(component, signal, title=title, quantity=quantity)
         for component, title, quantity in zip(
@@ -556,6 +604,12 @@ def strain_map(
         residual=navigation_map(values[..., 6], signal, title="Lattice fit residual", quantity="Residual (1/nm)"),
         n_disks=navigation_map(values[..., 7].astype(int), signal, title="Disks in the fit", quantity="Disks"),
         status=navigation_map(status, signal, title="Fit status", quantity="Reason code"),
+        **{f"{name}_std": navigation_map(np.where(ok, error, np.nan), signal, title=f"{title}, one standard deviation",
+                                         quantity=quantity)
+           for name, error, title, quantity in zip(
+               ("exx", "eyy", "exy", "theta"), errors,
+               ("Strain exx", "Strain eyy", "Strain exy", "Rotation theta"),
+               ("Strain", "Strain", "Strain", "Rotation (rad)"))},
         basis=basis,
         reference_basis=np.asarray(reference_basis, dtype=float),
         reference=mask,
