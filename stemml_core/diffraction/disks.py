@@ -80,7 +80,8 @@ def disk_radius(patterns, pixel_size=(1.0, 1.0)) -> float:
     Notes
     -----
     The half-maximum level is half the median of the pixels above half the brightest value of
-    the pattern after a 3 x 3 median filter (the disk's plateau; a hot pixel does not set it). A
+    the pattern after a 3 x 3 minimum filter (the disk's plateau; a hot pixel, which the minimum
+    filter removes, does not set it; the minimum filter is several times faster than a median). A
     disk with a symmetric blurred edge covers ``pi R^2`` above half its plateau, whatever the
     blur; counting whole pixels makes the estimate good to about 1 %.
 
@@ -93,7 +94,7 @@ def disk_radius(patterns, pixel_size=(1.0, 1.0)) -> float:
     True
     """
     patterns = _as_patterns(patterns).astype(np.float64)
-    rough = ndimage.median_filter(patterns, size=(1, 3, 3)).max(axis=(1, 2)) / 2
+    rough = ndimage.minimum_filter(patterns, size=(1, 3, 3)).max(axis=(1, 2)) / 2
     plateau = np.nanmedian(np.where(patterns > rough[:, None, None], patterns, np.nan), axis=(1, 2))
     area = (patterns > plateau[:, None, None] / 2).sum(axis=(1, 2))
     return float(np.sqrt(np.median(area) * pixel_size[0] * pixel_size[1] / np.pi))
@@ -178,7 +179,7 @@ def direct_beam(patterns, radius, *, iterations: int = 2) -> DirectBeam:
 
     Notes
     -----
-    The start is the brightest pixel of the pattern after a 3 x 3 median filter (a hot pixel
+    The start is the brightest pixel of the pattern after a 3 x 3 minimum filter (a hot pixel
     does not win). The window is the ellipse of semi-axes ``radius + EDGE_MARGIN`` around the
     current centre (rounded to a pixel); the centre of mass of a disk that lies wholly inside it
     is the disk's centre whatever its sub-pixel position, so the estimate has no pixel locking
@@ -196,7 +197,7 @@ def direct_beam(patterns, radius, *, iterations: int = 2) -> DirectBeam:
     radius = _radius_pair(radius)
     reach = radius + EDGE_MARGIN
     n, height, width = patterns.shape
-    smooth = ndimage.median_filter(patterns, size=(1, 3, 3))
+    smooth = ndimage.minimum_filter(patterns, size=(1, 3, 3))
     centre = np.stack(np.unravel_index(smooth.reshape(n, -1).argmax(axis=1), (height, width)), axis=1).astype(float)
     shape = template_shape(radius)
     offsets = np.stack(np.meshgrid(np.arange(shape[0]) - shape[0] // 2, np.arange(shape[1]) - shape[1] // 2,
