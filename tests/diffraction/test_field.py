@@ -276,6 +276,28 @@ def test_eager_and_lazy_give_the_same_maps(bilayer):
         assert not getattr(lazy, name)._lazy
 
 
+def test_a_local_cluster_gives_the_maps_of_memory(small):
+    """Lazy input on a dask.distributed cluster of two worker processes: the per-pattern pass runs on the
+    workers (chunks that split the scan unevenly), everything after it on the seven numbers per pattern."""
+    distributed = pytest.importorskip("distributed")
+    signal, truth = small
+    expected = field_map(signal, vacuum=truth.vacuum, progress=False)
+    lazy_signal = signal.as_lazy()
+    lazy_signal.data = lazy_signal.data.rechunk((5, 7, -1, -1))
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        with distributed.get_task_stream(client) as tasks:
+            result = field_map(lazy_signal, vacuum=truth.vacuum, progress=False)
+        workers = set(client.scheduler_info()["workers"])
+    ran_on = {task["worker"] for task in tasks.data}
+    assert ran_on and ran_on <= workers, f"the pass ran on {ran_on}; expected the cluster's workers {workers}"
+    assert result.scan_rotation == expected.scan_rotation and result.flip == expected.flip
+    np.testing.assert_allclose(result.com_detector, expected.com_detector, rtol=1e-12, atol=1e-15)
+    for name in MAPS:
+        assert not getattr(result, name)._lazy
+        np.testing.assert_allclose(getattr(result, name).data, getattr(expected, name).data, rtol=1e-12, atol=1e-15)
+
+
 def test_float64_input_gives_the_float32_maps(bilayer):
     signal, truth, narrow = bilayer
     wide = signal.deepcopy()
