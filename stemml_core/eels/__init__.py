@@ -3,8 +3,8 @@
 from .bandgap import BandGapResult, estimate_band_gap, fit_onset, onset_curve, onset_window, resolution_from
 from .denoise import pool_spectra
 from .dielectric import DielectricResult, dielectric_function, fourier_log_deconvolution, kramers_kronig
-from .features import (FeatureFit, FeatureLabels, FeatureMap, FeatureMapResult, cluster_spectra, find_features,
-                       label_features, map_features)
+from .features import (FeatureFit, FeatureLabels, FeatureMap, FeatureMapResult, cluster_spectra, feature_curve,
+                       find_features, label_features, map_features)
 from .replicas import inelastic_replicas, noise_variance
 from .thickness import ReplicaInterval, estimate_thickness, log_ratio, mean_free_path
 from .zlp import ZLPEnsemble
@@ -22,6 +22,7 @@ __all__ = [
     "dielectric_function",
     "estimate_band_gap",
     "estimate_thickness",
+    "feature_curve",
     "find_features",
     "fit_onset",
     "fourier_log_deconvolution",

@@ -24,8 +24,10 @@ Then, over the image:
    each cluster takes the name of the nearest reference energy (A 1.88, B
    2.03, C 2.9 eV by default) within a tolerance, else ``"unknown"``.
 4. **Group** (:func:`cluster_spectra`): pixels without significant signal form
-   one group, the others are grouped by the shape of their spectra (PCA then
-   k-means on unit-norm spectra in the window).
+   one group (their summed counts in the window within a few standard
+   deviations of the spread of that sum over the replicas, which carries the
+   ZLP's uncertainty), the others are grouped by the shape of their spectra
+   (PCA then k-means on unit-norm spectra in the window).
 
 :func:`map_features` does all four on a spectrum image with a fitted
 :class:`~stemml_core.eels.zlp.ZLPEnsemble`.
@@ -61,6 +63,7 @@ __all__ = [
     "FeatureMap",
     "FeatureMapResult",
     "cluster_spectra",
+    "feature_curve",
     "find_features",
     "label_features",
     "map_features",
@@ -84,7 +87,8 @@ _RICE = {"gaussian": math.sqrt(_FOUR_LN2), "lorentzian": math.sqrt(2.0)}
 # Template half-length in FWHM: the Gaussian is < 1e-10 there; the Lorentzian keeps 1/101.
 _TEMPLATE_REACH = {"gaussian": 3.0, "lorentzian": 5.0}
 #: Summed counts of a spectrum in the window above which, in standard deviations of the sum,
-#: :func:`cluster_spectra` counts it as signal (one-sided false-alarm probability 3e-5).
+#: :func:`cluster_spectra` counts it as signal (one-sided false-alarm probability 3e-5 for
+#: Gaussian errors).
 SIGNAL_THRESHOLD = 4.0
 
 # Width, eV, of the running mean of the replicas' variance along the energy axis.
@@ -611,6 +615,81 @@ def find_features(
                       window_energy=e, threshold=threshold, shape=shape, **out)
 
 
+def feature_curve(spectrum, energy, *, window, centres, widths, heights, noise=None, background_order: int = 4,
+                  shape: str = "gaussian"):
+    """The model of :func:`find_features` for given peaks, with its background refitted, for plots.
+
+    Parameters
+    ----------
+    spectrum : array_like, shape (n_energy,)
+        One inelastic spectrum, counts per channel (e.g. the median over the replicas).
+    energy : array_like, shape (n_energy,)
+        Channel centres, eV, uniform and increasing.
+    window : (float, float)
+        Energy-loss window of the fit, eV.
+    centres, widths, heights : array_like, shape (k,)
+        Peak centre (eV), observed FWHM (eV) and height (counts per channel) of each peak, e.g. the
+        medians of :func:`map_features` at one pixel; entries with a NaN are left out.
+    noise : array_like, optional
+        Standard deviation of each channel, counts, broadcastable to ``(n_energy,)``; weights of the
+        background fit (unweighted when None).
+    background_order, shape
+        As for :func:`find_features`.
+
+    Returns
+    -------
+    energy : numpy.ndarray
+        The channels inside ``window``, eV.
+    total, background : numpy.ndarray
+        Background plus peaks, and the background alone, counts: the polynomial background is the
+        weighted least-squares fit to the spectrum minus the peaks.
+
+    Raises
+    ------
+    ValueError
+        A spectrum of another shape than the energy axis, a window outside it or too narrow, peak
+        arrays of different shapes, or bad options.
+
+    Examples
+    --------
+    >>> energy = np.linspace(1.0, 4.0, 121)
+    >>> spectrum = 100.0 + 20.0 * energy + 50.0 * np.exp(-4 * np.log(2) * ((energy - 2.0) / 0.2) ** 2)
+    >>> e, total, background = feature_curve(spectrum, energy, window=(1.5, 3.5), centres=[2.0],
+    ...                                      widths=[0.2], heights=[50.0])
+    >>> bool(np.allclose(total, spectrum[(energy >= 1.5) & (energy <= 3.5)]))
+    True
+    >>> round(float(background[0]), 6)  # 100 + 20 * 1.5
+    130.0
+    """
+    _check_options(0.5, 1, background_order, shape)
+    energy = _check_energy(energy)
+    spectrum = np.asarray(spectrum, dtype=np.float64)
+    if spectrum.shape != energy.shape or not np.all(np.isfinite(spectrum)):
+        raise ValueError(f"spectrum has shape {spectrum.shape}; expected finite counts of the energy axis' shape "
+                         f"{energy.shape}")
+    lo, hi = (float(v) for v in window)
+    inside = (energy >= lo) & (energy <= hi)
+    if not energy[0] <= lo < hi <= energy[-1] or inside.sum() < 3 * (background_order + 1):
+        raise ValueError(f"window=({lo:g}, {hi:g}) eV holds {int(inside.sum())} channels of the energy axis "
+                         f"[{energy[0]:.4g}, {energy[-1]:.4g}] eV; expected an increasing range on the axis with at "
+                         f"least {3 * (background_order + 1)} channels")
+    peaks = [np.atleast_1d(np.asarray(v, dtype=np.float64)) for v in (centres, widths, heights)]
+    if not peaks[0].ndim == 1 or not all(v.shape == peaks[0].shape for v in peaks):
+        raise ValueError(f"centres, widths and heights have shapes {[v.shape for v in peaks]}; expected one value "
+                         "per peak each, shape (k,)")
+    keep = np.all(np.isfinite(np.stack(peaks)), axis=0)
+    e = energy[inside]
+    peak_sum = np.zeros(e.size)
+    for centre, fwhm, height in zip(*(v[keep] for v in peaks)):
+        peak_sum += height * _profile(e, centre, fwhm, shape)[0]
+    sigma = np.ones(e.size) if noise is None else np.broadcast_to(np.asarray(noise, dtype=np.float64),
+                                                                   energy.shape)[inside]
+    basis = np.polynomial.legendre.legvander(np.linspace(-1.0, 1.0, e.size), background_order)
+    coef, _ = _background_fit(spectrum[inside] - peak_sum, 1.0 / np.maximum(sigma, 1e-12), basis)
+    background = basis @ coef
+    return e, background + peak_sum, background
+
+
 def label_features(energies, widths=None, *, references=None, tolerance: float = 0.05, max_clusters: int = 8,
                    random_state=0) -> FeatureLabels:
     """Name peaks consistently across an image by clustering their energies (and widths).
@@ -698,8 +777,8 @@ def label_features(energies, widths=None, *, references=None, tolerance: float =
     return FeatureLabels(cluster=cluster, centres=centres, spreads=spreads, names=names)
 
 
-def cluster_spectra(spectra, energy, *, window, noise=None, n_clusters: int = 4, n_components: int = 5,
-                    random_state=0):
+def cluster_spectra(spectra, energy, *, window, noise=None, sum_noise=None, n_clusters: int = 4,
+                    n_components: int = 5, random_state=0):
     """Group pixels by the shape of their inelastic spectra in a window.
 
     Parameters
@@ -713,8 +792,17 @@ def cluster_spectra(spectra, energy, *, window, noise=None, n_clusters: int = 4,
     noise : array_like, optional
         Standard deviation of each channel, counts, broadcastable to ``(n, n_energy)`` (e.g.
         ``FeatureFit.noise``). With it, pixels whose summed counts in the window are not above
-        zero by :data:`SIGNAL_THRESHOLD` standard deviations (vacuum) form group 0 and the others
-        are clustered into ``n_clusters - 1`` groups.
+        zero by :data:`SIGNAL_THRESHOLD` standard deviations of the sum (vacuum) form group 0 and
+        the others are clustered into ``n_clusters - 1`` groups. The standard deviation of the sum
+        is `sum_noise` when given, else ``sqrt(sum noise^2)`` over the window (independent
+        channels).
+    sum_noise : array_like, optional
+        Standard deviation of each spectrum's summed counts in the window, counts, shape (n,):
+        e.g. the spread of that sum over Monte Carlo replicas (:func:`map_features` takes half
+        their 68 % range, robust to a stray replica), which also carries the errors all
+        channels share (one ZLP replica lies above another over the whole window, which the
+        per-channel `noise` of :func:`find_features` leaves out). Given alone, it switches the
+        signal test on as `noise` does.
     n_clusters : int
         Number of groups, at least 2 with `noise`, at most n.
     n_components : int
@@ -725,9 +813,9 @@ def cluster_spectra(spectra, energy, *, window, noise=None, n_clusters: int = 4,
     Returns
     -------
     numpy.ndarray of int, shape (n,)
-        Group of each pixel, ``0 .. n_clusters - 1``: with `noise`, 0 is "no signal" and the others
-        follow in ascending order of the group's mean intensity in the window; without it, all
-        groups follow that order.
+        Group of each pixel, ``0 .. n_clusters - 1``: with `noise` or `sum_noise`, 0 is "no signal"
+        (all pixels, when none has signal) and the others follow in ascending order of the group's
+        mean intensity in the window; without them, all groups follow that order.
 
     Raises
     ------
@@ -741,6 +829,11 @@ def cluster_spectra(spectra, energy, *, window, noise=None, n_clusters: int = 4,
     matters), reduced by PCA to ``n_components`` scores and clustered by k-means (10
     initialisations). Spectra of pure noise have random directions and scatter over the whole
     unit sphere; they would take several clusters of their own, hence the signal test first.
+
+    The test must count every error of the sum. A vacuum spectrum minus a ZLP model that lies
+    3 % below the true tail over the window (well inside the ensemble's band) keeps a smooth
+    positive residual; summed over 80 channels it exceeds the channels' independent noise
+    ``sqrt(sum noise^2)`` several times, but not the spread of the sum over the ZLP replicas.
 
     Examples
     --------
@@ -768,21 +861,32 @@ def cluster_spectra(spectra, energy, *, window, noise=None, n_clusters: int = 4,
     window_spectra = spectra[:, inside]
     signal = np.ones(n, dtype=bool)
     n_shapes = n_clusters
-    if noise is not None:
-        try:
-            sigma = np.broadcast_to(np.asarray(noise, dtype=np.float64), spectra.shape)[:, inside]
-        except ValueError:
-            raise ValueError(f"noise has shape {np.shape(noise)}; expected a shape broadcastable to {spectra.shape}, "
-                             "counts") from None
-        if not np.all(np.isfinite(sigma)) or np.any(sigma < 0):
-            raise ValueError("noise contains negative or non-finite values; expected standard deviations >= 0, counts")
-        signal = window_spectra.sum(axis=1) > SIGNAL_THRESHOLD * np.sqrt(np.sum(sigma**2, axis=1))
+    if noise is not None or sum_noise is not None:
+        if sum_noise is not None:
+            spread = np.asarray(sum_noise, dtype=np.float64)
+            if spread.shape != (n,) or not np.all(np.isfinite(spread)) or np.any(spread < 0):
+                raise ValueError(f"sum_noise has shape {spread.shape}; expected one finite standard deviation >= 0 "
+                                 f"(counts) per spectrum, shape ({n},)")
+        if noise is not None:
+            try:
+                sigma = np.broadcast_to(np.asarray(noise, dtype=np.float64), spectra.shape)[:, inside]
+            except ValueError:
+                raise ValueError(f"noise has shape {np.shape(noise)}; expected a shape broadcastable to "
+                                 f"{spectra.shape}, counts") from None
+            if not np.all(np.isfinite(sigma)) or np.any(sigma < 0):
+                raise ValueError("noise contains negative or non-finite values; expected standard deviations >= 0, "
+                                 "counts")
+            if sum_noise is None:
+                spread = np.sqrt(np.sum(sigma**2, axis=1))
+        signal = window_spectra.sum(axis=1) > SIGNAL_THRESHOLD * spread
         n_shapes = n_clusters - 1
     n_signal = int(signal.sum())
+    if n_signal == 0 and n_shapes < n_clusters:
+        return np.zeros(n, dtype=int)  # nothing but noise: every pixel in group 0
     if not 1 <= n_shapes <= max(n_signal, 1) or not 1 <= n_components <= min(max(n_signal, 1), n_window):
         raise ValueError(
             f"n_clusters={n_clusters} and n_components={n_components} for {n_signal} spectra with signal of "
-            f"{n_window} channels; expected 1 <= n_clusters{' - 1' if noise is not None else ''} <= {n_signal} "
+            f"{n_window} channels; expected 1 <= n_clusters{' - 1' if n_shapes < n_clusters else ''} <= {n_signal} "
             f"and 1 <= n_components <= {min(n_signal, n_window)}"
         )
     shapes = window_spectra[signal] / np.linalg.norm(window_spectra[signal], axis=1, keepdims=True)
@@ -833,8 +937,9 @@ class FeatureMapResult:
         One entry per reference name (``"A"``, ``"B"``, ``"C"`` by default).
     feature_clusters : hyperspy.signal.BaseSignal
         Group of each pixel by the shape of its median inelastic spectrum in the window
-        (:func:`cluster_spectra`), int: 0 for no significant signal (vacuum), then in ascending
-        order of mean intensity.
+        (:func:`cluster_spectra`), int: 0 for no significant signal (vacuum: summed counts in the
+        window not above :data:`SIGNAL_THRESHOLD` standard deviations of their spread over the
+        replicas), then in ascending order of mean intensity.
     n_peaks : hyperspy.signal.BaseSignal
         Significant peaks in each pixel, named or not.
     counts : dict of str to int
@@ -865,18 +970,20 @@ def _columns(max_peaks, n_window):
     layout = {name: slice(i * k, (i + 1) * k) for i, name in enumerate(names)}
     start = len(names) * k
     layout["n_peaks"] = slice(start, start + 1)
-    layout["spectrum"] = slice(start + 1, start + 1 + n_window)
-    layout["noise"] = slice(start + 1 + n_window, start + 1 + 2 * n_window)
+    layout["sum_noise"] = slice(start + 1, start + 2)
+    layout["spectrum"] = slice(start + 2, start + 2 + n_window)
+    layout["noise"] = slice(start + 2 + n_window, start + 2 + 2 * n_window)
     return layout
 
 
 def _feature_block(block, *, variance, pixel, model, energy, inside, options, noise, random_state):
-    """Per pixel of ``block`` (n, n_energy): the :func:`_columns` of :func:`find_features`'s result.
+    """Per pixel of ``block`` (n, n_energy): the :func:`_columns` of :func:`find_features`'s result,
+    and the spread of the summed counts in the window over the replicas (half their 68 % range).
 
     Replica r of a pixel is its spectrum minus the ZLP of the ensemble's replica r, plus (with
     ``noise``) a Gaussian draw of the data's noise, seeded by ``random_state`` and the pixel's flat
     index, so any blocking gives the same numbers. Without ``noise`` the data's variance enters
-    the detection as ``noise_variance``."""
+    the detection as ``noise_variance`` (and the sum's spread in quadrature)."""
     spectra = inelastic_replicas(block, model, energy, inside, variance=variance if noise else None, pixel=pixel,
                                  random_state=random_state)
     variance = np.clip(variance[:, inside], 0.0, None)
@@ -890,6 +997,12 @@ def _feature_block(block, *, variance, pixel, model, energy, inside, options, no
             out[:, layout[f"{key}_{p}"]] = getattr(fit, key)[i]
     out[:, layout["significance"]] = fit.significance
     out[:, layout["n_peaks"]] = fit.n_peaks[:, None]
+    # half the 68 % range of the replicas' sums: robust to a replica whose ZLP strays far
+    low, high = np.percentile(spectra.sum(axis=-1), [16, 84], axis=0)
+    spread = ((high - low) / 2.0) ** 2
+    if not carried:
+        spread = spread + variance.sum(axis=1)
+    out[:, layout["sum_noise"]] = np.sqrt(spread)[:, None]
     out[:, layout["spectrum"]] = fit.median_spectrum
     out[:, layout["noise"]] = fit.noise
     return out
@@ -919,7 +1032,8 @@ def map_features(
     pixel's spectrum plus a random draw of its counting noise (when ``noise``) minus ZLP replica
     r. :func:`find_features` detects and fits the peaks in ``window``; :func:`label_features`
     names them from the clusters of all peak energies of the image; :func:`cluster_spectra`
-    groups the pixels by their median inelastic spectra.
+    groups the pixels by their median inelastic spectra, after setting apart those whose summed
+    counts in the window are not significant against the spread of that sum over the replicas.
 
     Parameters
     ----------
@@ -1061,7 +1175,7 @@ def map_features(
     n_peaks = column("n_peaks")[:, 0].astype(int)
     counts["unknown"] = int(n_peaks.sum()) - sum(counts.values())
     groups = cluster_spectra(column("spectrum"), energy[inside], window=window, noise=column("noise"),
-                             n_clusters=n_clusters, random_state=random_state)
+                             sum_noise=column("sum_noise")[:, 0], n_clusters=n_clusters, random_state=random_state)
     return FeatureMapResult(
         features=features,
         feature_clusters=navigation_map(groups.reshape(nav_shape), signal, title="Spectral groups", quantity="Group"),

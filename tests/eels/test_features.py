@@ -13,6 +13,7 @@ from stemml_core.eels.features import (
     PERCENTILES,
     REFERENCE_ENERGIES,
     cluster_spectra,
+    feature_curve,
     find_features,
     label_features,
     map_features,
@@ -261,6 +262,50 @@ def test_spectra_grouped_by_shape_with_vacuum_first():
         cluster_spectra(noisy, ENERGY, window=WINDOW, noise=np.ones(3))
 
 
+def test_signal_test_counts_the_errors_all_channels_share():
+    """Vacuum minus a ZLP model 3 % low leaves a smooth residual: significant against the channels'
+    independent noise, not against the spread of the window sum over the ZLP replicas."""
+    rng = np.random.default_rng(12)
+    inside = (ENERGY >= WINDOW[0]) & (ENERGY <= WINDOW[1])
+    tail = 1000 * (1.5 / ENERGY) ** 2  # counts: a Lorentzian ZLP tail, 1000 counts at 1.5 eV
+    vacuum = 0.03 * tail + 20 * rng.standard_normal((20, ENERGY.size))
+    specimen = _background(3e3) + 20 * rng.standard_normal((20, ENERGY.size))
+    spectra = np.concatenate([vacuum, specimen])
+    independent = cluster_spectra(spectra, ENERGY, window=WINDOW, noise=20.0, n_clusters=2)
+    assert (independent[:20] == 1).all()  # the residual passes for signal
+    zlp_spread = 0.05 * tail[inside].sum()  # ZLP replicas 5 % apart, over all channels together
+    spread = np.full(40, np.hypot(zlp_spread, 20 * np.sqrt(inside.sum())))
+    labels = cluster_spectra(spectra, ENERGY, window=WINDOW, noise=20.0, sum_noise=spread, n_clusters=2)
+    np.testing.assert_array_equal(labels, np.repeat([0, 1], 20))
+    alone = cluster_spectra(spectra, ENERGY, window=WINDOW, sum_noise=spread, n_clusters=2)
+    np.testing.assert_array_equal(alone, labels)
+    # nothing but noise: every pixel in group 0 rather than an error
+    np.testing.assert_array_equal(cluster_spectra(vacuum, ENERGY, window=WINDOW, sum_noise=spread[:20]), 0)
+    with pytest.raises(ValueError, match=r"sum_noise has shape \(3,\); expected one finite standard deviation"):
+        cluster_spectra(spectra, ENERGY, window=WINDOW, sum_noise=np.ones(3))
+
+
+def test_feature_curve_refits_the_background_under_given_peaks():
+    heights = np.array([300.0, 240.0, 150.0])
+    clean = _background(3e3) + heights @ _profile(CENTRES, FWHM)
+    inside = (ENERGY >= WINDOW[0]) & (ENERGY <= WINDOW[1])
+    e, total, background = feature_curve(clean, ENERGY, window=WINDOW, centres=CENTRES, widths=FWHM, heights=heights,
+                                         noise=np.sqrt(clean))
+    np.testing.assert_array_equal(e, ENERGY[inside])
+    np.testing.assert_allclose(total, clean[inside], rtol=0.01)
+    np.testing.assert_allclose(background, _background(3e3)[inside], rtol=0.02)  # the onset is not a quartic
+    # a NaN peak (not found) is left out: the background takes the C feature
+    _, _, without_c = feature_curve(clean, ENERGY, window=WINDOW, centres=[1.88, 2.03, np.nan],
+                                    widths=[0.12, 0.13, np.nan], heights=[300.0, 240.0, np.nan])
+    assert np.max(without_c - background) > 20
+    with pytest.raises(ValueError, match=r"centres, widths and heights have shapes"):
+        feature_curve(clean, ENERGY, window=WINDOW, centres=[1.9, 2.0], widths=[0.1], heights=[1.0])
+    with pytest.raises(ValueError, match=r"window=\(4, 6\) eV holds"):
+        feature_curve(clean, ENERGY, window=(4.0, 6.0), centres=[], widths=[], heights=[])
+    with pytest.raises(ValueError, match=r"spectrum has shape \(3,\)"):
+        feature_curve(np.ones(3), ENERGY, window=WINDOW, centres=[], widths=[], heights=[])
+
+
 # --------------------------------------------------------------------------
 # The synthetic MoS2 nanoribbon
 # --------------------------------------------------------------------------
@@ -418,6 +463,16 @@ def test_maps_find_the_excitons_after_a_learned_zlp(ribbon, ribbon_maps):
         assert np.isnan(feature.width.median.data[~found]).all()
     assert eager.n_peaks.data.sum() == sum(eager.counts.values())
     assert (eager.feature_clusters.data[truth.lowloss.vacuum] == 0).mean() >= 0.95
+
+
+def test_an_image_without_features_gives_empty_maps(ribbon, ribbon_maps):
+    """Three rows of vacuum: no peak, every map NaN, every pixel in group 0 (no signal), no error."""
+    signal, truth = ribbon
+    assert truth.lowloss.vacuum[:3].all()
+    empty = map_features(signal.inav[:, :3], ribbon_maps[0], progress=False)
+    assert empty.counts == {"A": 0, "B": 0, "C": 0, "unknown": 0} and empty.labels.names == ()
+    assert all(np.isnan(f.energy.median.data).all() for f in empty.features.values())
+    assert (empty.feature_clusters.data == 0).all() and (empty.n_peaks.data == 0).all()
 
 
 def test_map_features_rejects_bad_input(ribbon, ribbon_maps):
