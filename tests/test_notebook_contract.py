@@ -77,3 +77,13 @@ def test_story_and_no_analysis_code(source):
         assert not defined, f"{source.stem} defines {defined}: analysis code belongs in stemml_core"
         assert "filterwarnings" not in cell.source and "simplefilter" not in cell.source, "no warning filters"
         assert "urlopen" not in cell.source and "requests." not in cell.source, "no network"
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
+def test_no_dollar_math(source):
+    """The book is read offline and Sphinx loads MathJax from a CDN on any page with math: formulas are
+    written in Unicode text (σ, ∇·E, ⟨k⟩) instead."""
+    nb = jupytext.read(source)
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            assert "$" not in cell.source, f"{source.stem}: '$' math in a markdown cell needs MathJax from a CDN"
