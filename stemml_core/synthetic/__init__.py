@@ -5,6 +5,7 @@ Every generator returns ``(signal, truth)`` and never imports the analyses of
 independently of the estimators it tests.
 """
 
+from stemml_core.synthetic.anomalies import AnomalyTruth, diffraction_anomalies, lowloss_anomalies
 from stemml_core.synthetic.diffraction import (
     LayerStrain,
     StrainTruth,
@@ -17,13 +18,16 @@ from stemml_core.synthetic.lowloss import LowLossTruth, flake_sample, simulate_l
 from stemml_core.synthetic.nanostructures import NanostructureTruth, nanostructure_sample
 
 __all__ = [
+    "AnomalyTruth",
     "FieldTruth",
     "LayerStrain",
     "LowLossTruth",
     "NanostructureTruth",
     "StrainTruth",
     "atomic_monolayer",
+    "diffraction_anomalies",
     "flake_sample",
+    "lowloss_anomalies",
     "nanostructure_sample",
     "polar_bilayer",
     "simulate_4dstem",
