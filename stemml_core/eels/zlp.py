@@ -1201,6 +1201,11 @@ class ZLPEnsemble(BaseEstimator):
         """Validated (spectra, data shape, signal) for prediction; energy must match the fit's."""
         check_is_fitted(self)
         spectra, energy, shape, signal = _as_spectra(X, energy)
+        self._check_energy_axis(energy)
+        return spectra, shape, signal
+
+    def _check_energy_axis(self, energy):
+        """Raise unless ``energy`` (eV) is the axis of the fit."""
         fitted = self.energy_
         step = fitted[1] - fitted[0]
         if energy.shape != fitted.shape or np.abs(energy - fitted).max() > 1e-3 * step:
@@ -1210,7 +1215,6 @@ class ZLPEnsemble(BaseEstimator):
                 f"{fitted[0]:.4g} to {fitted[-1]:.4g} eV, step {step:.4g} eV); crop or rebin "
                 "the data to that axis, or fit a new model."
             )
-        return spectra, shape, signal
 
     def _network_zlp(self, log_ntot, channels=slice(None)):
         """ZLP counts of every kept replica at each ln N_tot on the given channels of the fit's
@@ -1288,12 +1292,7 @@ class ZLPEnsemble(BaseEstimator):
         check_is_fitted(self)
         if energy is not None:
             raise ValueError("energy is taken from the signal's axis; pass energy=None with a signal.")
-        fitted, axis = self.energy_, _energy_from_signal(signal)
-        if axis.shape != fitted.shape or np.abs(axis - fitted).max() > 1e-3 * (fitted[1] - fitted[0]):
-            raise ValueError(
-                f"the energy axis ({axis.size} channels, {axis[0]:.4g} to {axis[-1]:.4g} eV) differs from "
-                f"the one the model was fitted on ({fitted.size} channels); crop the data to it."
-            )
+        self._check_energy_axis(_energy_from_signal(signal))
 
     def _nearest_cluster(self, log_ntot):
         return np.argmin(np.abs(np.asarray(log_ntot)[:, None] - self.cluster_centers_), axis=1)
