@@ -1,6 +1,7 @@
 """Forward models with ground truth.
 
-Every generator returns ``(signal, truth)`` and never imports the analyses of
+Every generator returns ``(signal, truth)`` (:func:`strain_and_lowloss`, two scans of one
+region, returns ``(patterns, spectra, truth)``) and never imports the analyses of
 :mod:`stemml_core.eels` or :mod:`stemml_core.diffraction`: the truth is made
 independently of the estimators it tests.
 """
@@ -14,12 +15,14 @@ from stemml_core.synthetic.diffraction import (
     twisted_bilayer,
 )
 from stemml_core.synthetic.field import FieldTruth, atomic_monolayer, polar_bilayer, simulate_field_4dstem
+from stemml_core.synthetic.joint import JointTruth, strain_and_lowloss
 from stemml_core.synthetic.lowloss import LowLossTruth, flake_sample, simulate_lowloss, single_spectrum
 from stemml_core.synthetic.nanostructures import NanostructureTruth, nanostructure_sample
 
 __all__ = [
     "AnomalyTruth",
     "FieldTruth",
+    "JointTruth",
     "LayerStrain",
     "LowLossTruth",
     "NanostructureTruth",
@@ -34,6 +37,7 @@ __all__ = [
     "simulate_field_4dstem",
     "simulate_lowloss",
     "single_spectrum",
+    "strain_and_lowloss",
     "strained_flake",
     "twisted_bilayer",
 ]
