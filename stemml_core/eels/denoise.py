@@ -144,15 +144,15 @@ def pool_spectra(signal, sigma: float = 1.0, *, labels=None, truncate: float = 2
         variance = da.broadcast_to(da.asarray(variance), data.shape).rechunk(data.chunks)
         labels = da.asarray(labels).rechunk(data.chunks[:-1] + (1,))
         depth = {axis: weights.shape[0] // 2 for axis in range(len(nav_shape))} | {len(nav_shape): 0}
+        n_energy = data.shape[-1]
 
-        def block(d, v, lab, which):
-            return _pool_arrays(d, v, lab, weights)[which]
+        def block(d, v, lab):
+            # data and variance side by side on the energy axis, which the pooling does not mix
+            return np.concatenate(_pool_arrays(d, v, lab, weights), axis=-1)
 
-        pooled, pooled_variance = (
-            da.map_overlap(block, data, variance, labels, depth=depth, boundary="none", dtype=np.float64,
-                           which=which)
-            for which in (0, 1)
-        )
+        both = da.map_overlap(block, data, variance, labels, depth=depth, boundary="none", dtype=np.float64,
+                              chunks=data.chunks[:-1] + ((2 * n_energy,),))
+        pooled, pooled_variance = both[..., :n_energy], both[..., n_energy:]
     else:
         pooled, pooled_variance = _pool_arrays(signal.data, variance, labels, weights)
     out = signal._deepcopy_with_new_data(pooled)
