@@ -34,7 +34,7 @@ from dask.diagnostics import ProgressBar
 from scipy.signal import fftconvolve
 
 from .replicas import inelastic_replicas, noise_variance
-from .thickness import ReplicaInterval
+from .thickness import PERCENTILES, ReplicaInterval
 
 __all__ = ["NAN_REASONS", "BandGapResult", "OnsetFit", "estimate_band_gap", "fit_onset", "onset_curve", "onset_window",
            "resolution_from"]
@@ -526,15 +526,11 @@ def _band_gap_block(block, *, variance=None, pixel=None, model, energy, window, 
         if enough.any():
             direct = found[:, enough] & (exponent[:, enough] < DIRECT_INDIRECT_THRESHOLD)
             out[enough, 7] = direct.sum(axis=0) / found[:, enough].sum(axis=0)
-            out[enough, 0:3] = np.nanpercentile(gap[:, enough], _PERCENTILES, axis=0).T
-            out[enough, 3:6] = np.nanpercentile(exponent[:, enough], _PERCENTILES, axis=0).T
+            out[enough, 0:3] = np.nanpercentile(gap[:, enough], PERCENTILES, axis=0).T
+            out[enough, 3:6] = np.nanpercentile(exponent[:, enough], PERCENTILES, axis=0).T
     edge = fit.at_edge.reshape(n_rep, n).sum(axis=0)
     out[:, 8] = np.where(enough, 0, np.where(edge > (n_rep - found.sum(axis=0)) / 2, 2, 1))
     return out
-
-
-#: Percentiles of :func:`estimate_band_gap`'s maps: median and 68 % interval.
-_PERCENTILES = (50, 16, 84)
 
 
 def estimate_band_gap(signal, model, *, window=None, resolution=None, exponents=(0.5, 1.5), background_order=1,

@@ -54,7 +54,7 @@ from sklearn.decomposition import PCA
 from sklearn.mixture import GaussianMixture
 
 from .replicas import inelastic_replicas, noise_variance
-from .thickness import ReplicaInterval
+from .thickness import PERCENTILES, ReplicaInterval  # median, then the 68 % interval
 
 __all__ = [
     "REFERENCE_ENERGIES",
@@ -72,10 +72,6 @@ __all__ = [
 #: Reference energies (eV) of bulk MoS2 features: the A and B excitons (spin-orbit split) and the C
 #: feature :cite:`vanderLippe2024`.
 REFERENCE_ENERGIES = {"A": 1.88, "B": 2.03, "C": 2.9}
-
-#: Percentiles over the replicas (median, then the 68 % interval) on the first axis of
-#: :class:`FeatureFit`'s ``energy``, ``width`` and ``amplitude``.
-PERCENTILES = (50, 16, 84)
 
 _SHAPES = ("gaussian", "lorentzian")
 _FOUR_LN2 = 4.0 * math.log(2.0)
@@ -966,7 +962,7 @@ class FeatureMapResult:
 def _columns(max_peaks, n_window):
     """Per-pixel output layout of :func:`_feature_block`: name -> slice."""
     k = max_peaks
-    names = [f"{q}_{p}" for q in ("energy", "width", "amplitude") for p in PERCENTILES] + ["significance"]
+    names = [f"{q}_{p:g}" for q in ("energy", "width", "amplitude") for p in PERCENTILES] + ["significance"]
     layout = {name: slice(i * k, (i + 1) * k) for i, name in enumerate(names)}
     start = len(names) * k
     layout["n_peaks"] = slice(start, start + 1)
@@ -994,7 +990,7 @@ def _feature_block(block, *, variance, pixel, model, energy, inside, options, no
     out = np.empty((block.shape[0], layout["noise"].stop))
     for key in ("energy", "width", "amplitude"):
         for i, p in enumerate(PERCENTILES):
-            out[:, layout[f"{key}_{p}"]] = getattr(fit, key)[i]
+            out[:, layout[f"{key}_{p:g}"]] = getattr(fit, key)[i]
     out[:, layout["significance"]] = fit.significance
     out[:, layout["n_peaks"]] = fit.n_peaks[:, None]
     # half the 68 % range of the replicas' sums: robust to a replica whose ZLP strays far
@@ -1163,7 +1159,7 @@ def map_features(
             return navigation_map(data, signal, title=f"{name}: {title}", quantity=quantity)
 
         def interval(key, title, quantity):
-            return ReplicaInterval(*(one(f"{key}_{p}", f"{title} ({label})", quantity) for p, label in
+            return ReplicaInterval(*(one(f"{key}_{p:g}", f"{title} ({label})", quantity) for p, label in
                                      zip(PERCENTILES, ("median", "16th percentile", "84th percentile"))))
 
         features[name] = FeatureMap(
