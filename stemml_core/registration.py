@@ -116,7 +116,7 @@ def _weighted_line(x, y, x_var, y_var, iterations=50):
     return ym - slope * xm, slope
 
 
-def line_fit(x, y, x_std=None, y_std=None, *, n_boot=1000, block=None, random_state=None) -> dict:
+def line_fit(x, y, x_std=None, y_std=None, *, y_replicas=None, n_boot=1000, block=None, random_state=None) -> dict:
     """Fit ``y = intercept + slope x`` with uncertainties in both variables; 68 % intervals by bootstrap.
 
     The fit is York's least squares with errors in both variables (York et al., Am. J. Phys. 72,
@@ -127,12 +127,21 @@ def line_fit(x, y, x_std=None, y_std=None, *, n_boot=1000, block=None, random_st
     2D shape of the maps the points come from, with ``x`` and ``y`` given as maps) to resample
     whole 3 × 3 blocks of pixels instead of single points.
 
+    When ``y`` is the median over Monte Carlo replicas that share an error across points (the band
+    gaps of one ZLP replica in every pixel), resampling points cannot show that shared error. Pass the
+    replicas as ``y_replicas``: every bootstrap resample then also resamples the replicas and fits the
+    median over them, so that the interval carries both the scatter of the points and the spread of
+    the replicas.
+
     Parameters
     ----------
     x, y : array_like
         Points (any shape, flattened); positions where any input is NaN are left out.
     x_std, y_std : array_like, optional
         One-standard-deviation uncertainties of ``x`` and ``y``, broadcastable to them.
+    y_replicas : array_like, optional
+        ``(n_replicas, *y.shape)`` replicas whose median over the first axis is ``y`` (NaN where a
+        replica has no value); at least two.
     n_boot : int
         Bootstrap resamples.
     block : int, optional
@@ -160,6 +169,11 @@ def line_fit(x, y, x_std=None, y_std=None, *, n_boot=1000, block=None, random_st
     x_var = np.broadcast_to(np.zeros(()) if x_std is None else np.asarray(x_std, dtype=np.float64) ** 2, shape)
     y_var = np.broadcast_to(np.ones(()) if y_std is None else np.asarray(y_std, dtype=np.float64) ** 2, shape)
     x, y = np.broadcast_to(x, shape), np.broadcast_to(y, shape)
+    if y_replicas is not None:
+        y_replicas = np.asarray(y_replicas, dtype=np.float64)
+        if y_replicas.ndim < 1 or y_replicas.shape[1:] != y.shape or y_replicas.shape[0] < 2:
+            raise ValueError(f"y_replicas has shape {y_replicas.shape}; expected (n_replicas >= 2, *{y.shape}), "
+                             "the shape of y with the replicas first")
     keep = np.isfinite(x) & np.isfinite(y) & np.isfinite(x_var) & np.isfinite(y_var) & (y_var + x_var > 0)
     if keep.sum() < 3:
         raise ValueError("line_fit needs at least three finite points")
@@ -171,6 +185,8 @@ def line_fit(x, y, x_std=None, y_std=None, *, n_boot=1000, block=None, random_st
     else:
         group = np.arange(int(np.prod(shape))).reshape(shape)
     x, y, x_var, y_var, group = (a[keep] for a in (x, y, x_var, y_var, group))
+    if y_replicas is not None:
+        y_replicas = y_replicas[:, keep]
     if x_std is None and y_std is None:
         y_var = np.ones_like(y_var)
     intercept, slope = _weighted_line(x, y, x_var, y_var)
@@ -182,8 +198,15 @@ def line_fit(x, y, x_std=None, y_std=None, *, n_boot=1000, block=None, random_st
     for _ in range(int(n_boot)):
         chosen = rng.integers(len(labels), size=len(labels))
         index = np.concatenate([order[starts[k]:starts[k + 1]] for k in chosen])
-        if np.ptp(x[index]) > 0:
-            draws.append(_weighted_line(x[index], y[index], x_var[index], y_var[index]))
+        y_draw = y[index]
+        if y_replicas is not None:
+            picked = y_replicas[rng.integers(len(y_replicas), size=len(y_replicas))][:, index]
+            if not np.isfinite(picked).any(axis=0).all():  # points none of the drawn replicas has
+                index = index[np.isfinite(picked).any(axis=0)]
+                picked = picked[:, np.isfinite(picked).any(axis=0)]
+            y_draw = np.nanmedian(picked, axis=0)
+        if index.size > 2 and np.ptp(x[index]) > 0:
+            draws.append(_weighted_line(x[index], y_draw, x_var[index], y_var[index]))
     draws = np.asarray(draws)
     (i_low, s_low), (i_high, s_high) = np.percentile(draws, [16, 84], axis=0)
     return {"slope": float(slope), "intercept": float(intercept), "slope_low": float(s_low),

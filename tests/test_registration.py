@@ -67,3 +67,24 @@ def test_line_fit_blocks_and_nan():
     assert abs(fit["slope"] - 3.0) < 0.05
     with pytest.raises(ValueError):
         line_fit(x.ravel(), y.ravel(), block=3)
+
+
+def test_line_fit_replicas_carry_a_shared_error():
+    # Every replica's points share a slope error (sd 0.3, like the band gaps of one ZLP replica in
+    # every pixel); y is the median over the replicas. Resampling points alone misses that error;
+    # resampling the replicas too gives the sampling error of the median, about 1.25 x 0.3 / sqrt(20).
+    rng = np.random.default_rng(2)
+    x = rng.uniform(-0.02, 0.02, (20, 20))
+    slope_errors = rng.normal(0, 0.3, 20)
+    replicas = 1.6 + (-5.0 + slope_errors[:, None, None]) * x + rng.normal(0, 0.002, (20, 20, 20))
+    replicas[3, :5] = np.nan  # a replica without values in some points
+    y = np.nanmedian(replicas, axis=0)
+    points_only = line_fit(x, y, None, 0.002, n_boot=300, block=3, random_state=0)
+    both = line_fit(x, y, None, 0.002, y_replicas=replicas, n_boot=300, block=3, random_state=0)
+    assert both["slope"] == points_only["slope"]
+    half_points = (points_only["slope_high"] - points_only["slope_low"]) / 2
+    half_both = (both["slope_high"] - both["slope_low"]) / 2
+    assert half_points < 0.03
+    assert 0.05 < half_both < 0.15
+    with pytest.raises(ValueError, match="y_replicas"):
+        line_fit(x, y, y_replicas=replicas[:, :5])

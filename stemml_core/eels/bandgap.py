@@ -389,6 +389,14 @@ class BandGapResult:
         0 where a band gap was found, else a key of :data:`NAN_REASONS`.
     window : (float, float)
         Energy-loss window of the fits, eV.
+    replicas : hyperspy.signal.BaseSignal or None
+        With ``keep_replicas=True``: Eg of every replica, eV, navigation axes
+        and one signal axis over the ensemble's kept replicas (NaN where a
+        replica found no onset and wherever ``band_gap`` is NaN). Replica r
+        of every pixel shares ZLP replica r, so a quantity derived from a
+        whole map (a slope against strain, a mean over a region) computed
+        per replica carries the ZLP uncertainty that pixels share; the
+        percentiles of single pixels cannot show it. None otherwise.
     """
 
     band_gap: ReplicaInterval
@@ -397,6 +405,7 @@ class BandGapResult:
     direct_fraction: object
     reason: object
     window: tuple
+    replicas: object = None
 
     def direct(self):
         """True where most replicas find a direct gap (exponent below 1), as a navigation map."""
@@ -409,6 +418,7 @@ class BandGapResult:
         """An in-memory copy of a lazy result, every map computed in one pass over the data
         (on the active dask scheduler, e.g. a ``dask.distributed`` client); ``self`` if eager."""
         fields = ("band_gap", "exponent", "found_fraction", "direct_fraction", "reason")
+        fields += ("replicas",) if self.replicas is not None else ()
         maps = [m for name in fields for m in _maps(getattr(self, name))]
         if not any(m._lazy for m in maps):
             return self
@@ -503,8 +513,9 @@ def onset_window(model, *, resolution=None, search=(0.5, 3.0), below=0.4, above=
 
 
 def _band_gap_block(block, *, variance=None, pixel=None, model, energy, window, resolution, exponents,
-                    background_order, min_found, random_state):
-    """Per pixel of ``block`` (n, n_energy): the columns of :data:`_COLUMNS` over the replicas.
+                    background_order, min_found, random_state, keep_replicas=False):
+    """Per pixel of ``block`` (n, n_energy): the columns of :data:`_COLUMNS` over the replicas,
+    followed by the band gap of every replica when ``keep_replicas``.
 
     Replica r of a pixel is its spectrum plus a Gaussian draw of its noise (``variance``
     given; seeded by ``random_state`` and the pixel's flat index, so any blocking gives
@@ -530,11 +541,14 @@ def _band_gap_block(block, *, variance=None, pixel=None, model, energy, window, 
             out[enough, 3:6] = np.nanpercentile(exponent[:, enough], PERCENTILES, axis=0).T
     edge = fit.at_edge.reshape(n_rep, n).sum(axis=0)
     out[:, 8] = np.where(enough, 0, np.where(edge > (n_rep - found.sum(axis=0)) / 2, 2, 1))
+    if keep_replicas:
+        out = np.concatenate([out, np.where(enough & found, gap, np.nan).T], axis=1)
     return out
 
 
 def estimate_band_gap(signal, model, *, window=None, resolution=None, exponents=(0.5, 1.5), background_order=1,
-                      min_found=0.8, noise=True, random_state=0, block_pixels=64, progress=True) -> BandGapResult:
+                      min_found=0.8, noise=True, random_state=0, keep_replicas=False, block_pixels=64,
+                      progress=True) -> BandGapResult:
     """Map the band gap of a low-loss spectrum image from Monte Carlo replicas.
 
     Every pixel gets as many replicas as ``model`` has kept ZLP replicas:
@@ -577,6 +591,9 @@ def estimate_band_gap(signal, model, *, window=None, resolution=None, exponents=
     random_state : int
         Seed of the noise draws; with the pixel's index it fixes every draw,
         so eager, lazy and distributed runs give the same maps.
+    keep_replicas : bool
+        Also return the band gap of every replica (``result.replicas``), for
+        quantities derived from whole maps.
     block_pixels : int
         Pixels per block (memory: about ``block_pixels x n_replicas x
         n_energy`` floats per block).
@@ -620,10 +637,12 @@ def estimate_band_gap(signal, model, *, window=None, resolution=None, exponents=
     if noise:
         extra = {"variance": noise_variance(signal),
                  "pixel": np.arange(int(np.prod(signal.data.shape[:-1]))).reshape(signal.data.shape[:-1])}
-    out = map_pixels(signal, _band_gap_block, output_shape=(len(_COLUMNS),), extra=extra,
+    n_out = len(_COLUMNS) + (int(np.sum(model.kept_)) if keep_replicas else 0)
+    out = map_pixels(signal, _band_gap_block, output_shape=(n_out,), extra=extra,
                      block_pixels=block_pixels, progress=progress, description="band gap", model=model,
                      energy=energy, window=tuple(window), resolution=resolution, exponents=exponents,
-                     background_order=background_order, min_found=min_found, random_state=int(random_state))
+                     background_order=background_order, min_found=min_found, random_state=int(random_state),
+                     keep_replicas=bool(keep_replicas))
 
     def item(name, title, quantity):
         one = out.isig[_COLUMNS.index(name)]
@@ -643,4 +662,14 @@ def estimate_band_gap(signal, model, *, window=None, resolution=None, exponents=
         direct_fraction=item("direct", "Replicas with a direct onset", "Fraction"),
         reason=item("reason", "Why no band gap (0: found)", "Reason code"),
         window=tuple(window),
+        replicas=_replica_signal(out.isig[len(_COLUMNS):]) if keep_replicas else None,
     )
+
+
+def _replica_signal(values):
+    """The per-replica columns of :func:`estimate_band_gap`'s output as a navigation x replica signal."""
+    values.metadata.General.title = "Band gap of every replica"
+    values.metadata.set_item("Signal.quantity", "Band gap (eV)")
+    axis = values.axes_manager.signal_axes[0]
+    axis.name, axis.offset, axis.scale, axis.units = "Replica", 0, 1, ""
+    return values

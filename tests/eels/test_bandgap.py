@@ -152,10 +152,10 @@ def test_band_gap_maps_keep_the_scan_and_match_lazy(flake_and_model):
     signal, truth, model = flake_and_model
     resolution = resolution_from(model.cluster_medians_[-1], model.energy_, half_width=0.5)
     eager = estimate_band_gap(signal, model, window=(1.0, 2.6), resolution=resolution, block_pixels=7,
-                              progress=False)
+                              keep_replicas=True, progress=False)
     lazy_signal = signal.as_lazy()
     lazy_signal.data = lazy_signal.data.rechunk((4, 3, -1))
-    lazy = estimate_band_gap(lazy_signal, model, window=(1.0, 2.6), resolution=resolution)
+    lazy = estimate_band_gap(lazy_signal, model, window=(1.0, 2.6), resolution=resolution, keep_replicas=True)
     assert lazy.band_gap.median._lazy
     computed = lazy.compute(progress=False)
     pairs = [(getattr(eager.band_gap, p), getattr(computed.band_gap, p)) for p in ("median", "low", "high")]
@@ -166,6 +166,12 @@ def test_band_gap_maps_keep_the_scan_and_match_lazy(flake_and_model):
         assert [a.units for a in got.axes_manager.navigation_axes] == ["nm", "nm"]
         assert not other._lazy
         np.testing.assert_allclose(other.data, got.data, equal_nan=True)
+    np.testing.assert_allclose(computed.replicas.data, eager.replicas.data, equal_nan=True)
+    assert eager.replicas.axes_manager.signal_shape == (int(model.kept_.sum()),)
+    assert eager.replicas.axes_manager.navigation_shape == (8, 6)
+    with np.errstate(all="ignore"):
+        np.testing.assert_allclose(np.nanmedian(eager.replicas.data, axis=-1), eager.band_gap.median.data,
+                                   equal_nan=True)
     gap, low, high = (np.asarray(getattr(eager.band_gap, p).data) for p in ("median", "low", "high"))
     valid = np.isfinite(gap)
     assert valid.any()
@@ -179,6 +185,7 @@ def test_band_gap_maps_keep_the_scan_and_match_lazy(flake_and_model):
     other_seed = estimate_band_gap(signal, model, window=(1.0, 2.6), resolution=resolution, random_state=1,
                                    progress=False)
     assert not np.allclose(other_seed.band_gap.median.data, gap, equal_nan=True)
+    assert other_seed.replicas is None
 
 
 def test_band_gap_on_a_local_cluster_matches_memory(flake_and_model):
