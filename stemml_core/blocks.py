@@ -35,9 +35,7 @@ def _navigation_signal(data, source: BaseSignal, signal_axes: Sequence[dict], la
         axis["navigate"] = index < len(nav_axes)
     n_signal = len(signal_axes)
     cls = {0: hs.signals.BaseSignal, 1: hs.signals.Signal1D, 2: hs.signals.Signal2D}[n_signal]
-    out = cls(data, axes=axes)
-    if n_signal == 0:
-        out = out.transpose(signal_axes=0) if len(nav_axes) else out
+    out = cls(data, axes=axes)  # a BaseSignal keeps the navigate flags: all-navigation, no transpose (a copy)
     if lazy and not out._lazy:
         out = out.as_lazy()
     return out
@@ -50,6 +48,7 @@ def map_pixels(
     output_shape: tuple[int, ...] = (),
     output_axes: Sequence[dict] | None = None,
     dtype=np.float64,
+    input_dtype=np.float64,
     block_pixels: int = 4096,
     progress: bool = True,
     description: str | None = None,
@@ -64,8 +63,8 @@ def map_pixels(
         Input with navigation shape ``nav`` (any number of navigation axes,
         possibly none) and signal shape ``sig``; eager or lazy.
     func : callable
-        ``func(block, **kwargs)`` with ``block`` of shape ``(n, *sig)`` (float64)
-        returning an array of shape ``(n, *output_shape)``. It must not depend on
+        ``func(block, **kwargs)`` with ``block`` of shape ``(n, *sig)`` (of
+        ``input_dtype``) returning an array of shape ``(n, *output_shape)``. It must not depend on
         which pixels are in a block.
     output_shape : tuple of int
         Per-pixel shape of ``func``'s output; ``()`` for a scalar map.
@@ -75,6 +74,10 @@ def map_pixels(
         index axes.
     dtype : numpy dtype
         Output dtype.
+    input_dtype : numpy dtype or None
+        dtype of the blocks ``func`` receives; None passes the data's own dtype
+        (no converted copy of every block, for a ``func`` that accumulates in
+        float64 itself).
     block_pixels : int
         Pixels per block for in-memory input (memory bound).
     progress : bool
@@ -107,7 +110,7 @@ def map_pixels(
     extra = {name: _navigation_aligned(name, values, nav_shape) for name, values in (extra or {}).items()}
 
     def run(block: np.ndarray, *extra_blocks) -> np.ndarray:
-        flat = np.asarray(block, dtype=np.float64).reshape(-1, *sig_shape)
+        flat = np.asarray(block, dtype=input_dtype).reshape(-1, *sig_shape)
         rows = {name: np.asarray(values).reshape(flat.shape[0], *values.shape[block.ndim - n_sig:])
                 for name, values in zip(extra, extra_blocks)}
         result = np.asarray(func(flat, **rows, **kwargs), dtype=dtype)

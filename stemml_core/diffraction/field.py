@@ -97,10 +97,38 @@ def interaction_constant(beam_energy: float) -> float:
 
 
 def _as_patterns(patterns) -> np.ndarray:
-    array = np.asarray(patterns, dtype=np.float64)
+    """``patterns`` as an ``(n, H, W)`` real array, float or integer counts kept as they are (the sums
+    below accumulate in float64), anything else converted to float64."""
+    array = np.asarray(patterns)
+    if array.dtype.kind not in "fiu":
+        array = array.astype(np.float64)
     if array.ndim != 3 or 0 in array.shape:
         raise ValueError(f"patterns has shape {array.shape}; expected (n, H, W) diffraction patterns.")
     return array
+
+
+def _projections(patterns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column sums ``(n, H)``, ``(n, W)`` of every pattern, float64: every first and second
+    moment over the detector follows from them."""
+    return patterns.sum(axis=2, dtype=np.float64), patterns.sum(axis=1, dtype=np.float64)
+
+
+def _moments(rows, cols, ky, kx) -> tuple[np.ndarray, np.ndarray]:
+    """CoM ``(n, 2)`` and its Poisson standard error from the projections (see :func:`center_of_mass`)."""
+    total = rows.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        valid = total > 0
+        com = np.stack([cols @ kx, rows @ ky], axis=1) / np.where(valid, total, np.nan)[:, None]
+        spread = np.stack([(cols * (kx - com[:, :1]) ** 2).sum(axis=1),
+                           (rows * (ky - com[:, 1:]) ** 2).sum(axis=1)], axis=1)
+        error = np.sqrt(spread) / total[:, None]
+    return com, np.where(valid[:, None], error, np.nan)
+
+
+def _quadrants(rows, cols, ky, kx) -> np.ndarray:
+    """Quadrant DPC ``(n, 2)`` from the projections (see :func:`quadrant_dpc`)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.stack([cols @ np.sign(kx), rows @ np.sign(ky)], axis=1) / rows.sum(axis=1)[:, None]
 
 
 def _axis(values, size: int, name: str) -> np.ndarray:
@@ -166,15 +194,7 @@ def center_of_mass(patterns, ky, kx, *, mask=None, threshold: float | None = Non
         if not 0 <= threshold < 1:
             raise ValueError(f"threshold={threshold!r}; expected a fraction of each pattern's maximum in [0, 1).")
         patterns = np.where(patterns >= threshold * patterns.max(axis=(1, 2), keepdims=True), patterns, 0.0)
-    rows, cols = patterns.sum(axis=2), patterns.sum(axis=1)  # (n, H), (n, W)
-    total = rows.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        valid = total > 0
-        com = np.stack([cols @ kx, rows @ ky], axis=1) / np.where(valid, total, np.nan)[:, None]
-        spread = np.stack([(cols * (kx - com[:, :1]) ** 2).sum(axis=1),
-                           (rows * (ky - com[:, 1:]) ** 2).sum(axis=1)], axis=1)
-        error = np.sqrt(spread) / total[:, None]
-    return com, np.where(valid[:, None], error, np.nan)
+    return _moments(*_projections(patterns), ky, kx)
 
 
 def quadrant_dpc(patterns, ky, kx) -> np.ndarray:
@@ -205,16 +225,19 @@ def quadrant_dpc(patterns, ky, kx) -> np.ndarray:
     patterns = _as_patterns(patterns)
     _, height, width = patterns.shape
     ky, kx = _axis(ky, height, "ky"), _axis(kx, width, "kx")
-    rows, cols = patterns.sum(axis=2), patterns.sum(axis=1)
-    total = rows.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.stack([cols @ np.sign(kx), rows @ np.sign(ky)], axis=1) / total[:, None]
+    return _quadrants(*_projections(patterns), ky, kx)
 
 
 def _com_block(patterns, *, ky, kx, mask, threshold) -> np.ndarray:
     """``(n, 7)``: CoM (kx, ky), its error (kx, ky), DPC (kx, ky), total intensity of a block of patterns."""
-    com, error = center_of_mass(patterns, ky, kx, mask=mask, threshold=threshold)
-    return np.column_stack([com, error, quadrant_dpc(patterns, ky, kx), patterns.sum(axis=(1, 2))])
+    patterns = _as_patterns(patterns)
+    if mask is None and threshold is None:  # one pass over the patterns: their projections
+        rows, cols = _projections(patterns)
+        com, error = _moments(rows, cols, ky, kx)
+    else:
+        com, error = center_of_mass(patterns, ky, kx, mask=mask, threshold=threshold)
+        rows, cols = _projections(patterns)
+    return np.column_stack([com, error, _quadrants(rows, cols, ky, kx), rows.sum(axis=1)])
 
 
 def _plane_design(rows: int, cols: int, order: int) -> np.ndarray:
@@ -729,7 +752,7 @@ def _beam_energy(signal: BaseSignal, beam_energy) -> float:
 
 def _per_pattern(signal, ky, kx, mask, threshold, block_pixels, progress) -> np.ndarray:
     """``(rows, cols, 7)`` per-pattern numbers of :func:`_com_block`, one pass over the patterns."""
-    mapped = map_pixels(signal, _com_block, output_shape=(_N_OUTPUTS,), block_pixels=block_pixels,
+    mapped = map_pixels(signal, _com_block, output_shape=(_N_OUTPUTS,), input_dtype=None, block_pixels=block_pixels,
                         progress=progress, description="Centre of mass", ky=ky, kx=kx, mask=mask,
                         threshold=threshold)
     values = compute_map(mapped, progress=progress, description="Centre of mass")
