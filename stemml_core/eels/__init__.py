@@ -5,6 +5,7 @@ from .denoise import pool_spectra
 from .dielectric import DielectricResult, dielectric_function, fourier_log_deconvolution, kramers_kronig
 from .features import (FeatureFit, FeatureLabels, FeatureMap, FeatureMapResult, cluster_spectra, feature_curve,
                        find_features, label_features, map_features)
+from .gain import GainLossFit, GainLossMaps, VacuumZLP, fit_gain_loss, map_gain_loss
 from .replicas import inelastic_replicas, noise_variance
 from .thickness import ReplicaInterval, estimate_thickness, log_ratio, mean_free_path
 from .zlp import ZLPEnsemble
@@ -16,7 +17,10 @@ __all__ = [
     "FeatureLabels",
     "FeatureMap",
     "FeatureMapResult",
+    "GainLossFit",
+    "GainLossMaps",
     "ReplicaInterval",
+    "VacuumZLP",
     "ZLPEnsemble",
     "cluster_spectra",
     "dielectric_function",
@@ -24,6 +28,7 @@ __all__ = [
     "estimate_thickness",
     "feature_curve",
     "find_features",
+    "fit_gain_loss",
     "fit_onset",
     "fourier_log_deconvolution",
     "inelastic_replicas",
@@ -31,6 +36,7 @@ __all__ = [
     "label_features",
     "log_ratio",
     "map_features",
+    "map_gain_loss",
     "mean_free_path",
     "noise_variance",
     "onset_curve",

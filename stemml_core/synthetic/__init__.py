@@ -15,6 +15,7 @@ from stemml_core.synthetic.diffraction import (
     twisted_bilayer,
 )
 from stemml_core.synthetic.field import FieldTruth, atomic_monolayer, polar_bilayer, simulate_field_4dstem
+from stemml_core.synthetic.gain import GainLossTruth, gain_loss_sample, simulate_gain_loss
 from stemml_core.synthetic.joint import JointTruth, strain_and_lowloss
 from stemml_core.synthetic.lowloss import LowLossTruth, flake_sample, simulate_lowloss, single_spectrum
 from stemml_core.synthetic.nanostructures import NanostructureTruth, nanostructure_sample
@@ -22,6 +23,7 @@ from stemml_core.synthetic.nanostructures import NanostructureTruth, nanostructu
 __all__ = [
     "AnomalyTruth",
     "FieldTruth",
+    "GainLossTruth",
     "JointTruth",
     "LayerStrain",
     "LowLossTruth",
@@ -30,11 +32,13 @@ __all__ = [
     "atomic_monolayer",
     "diffraction_anomalies",
     "flake_sample",
+    "gain_loss_sample",
     "lowloss_anomalies",
     "nanostructure_sample",
     "polar_bilayer",
     "simulate_4dstem",
     "simulate_field_4dstem",
+    "simulate_gain_loss",
     "simulate_lowloss",
     "single_spectrum",
     "strain_and_lowloss",
