@@ -55,7 +55,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -72,7 +71,7 @@ import torch  # noqa: E402
 from scipy.optimize import curve_fit  # noqa: E402
 
 import eelsfitter_runner as efr  # noqa: E402
-from machine import load_avg, machine_info  # noqa: E402
+from machine import load_avg, machine_info, write_json  # noqa: E402
 
 QUICK = dict(replicas=8, shape=(12, 16), repeats=1, subset=48)
 HIDDEN = (10, 15, 5)  # EELSFitter's MultilayerPerceptron
@@ -420,18 +419,10 @@ def run(args):
     print(report(res, args))
     if args.json:
         res["maps"] = {"truth": truth_gap.tolist(), "stemml": st["band_gap"].tolist(), "eelsfitter": ef_med.tolist()}
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1, default=_json_default)
+        write_json(args.json, res)
         log(f"results written to {args.json}")
     return res
 
-
-def _json_default(o):
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    return str(o)
 
 
 def _fmt_score(sc, interval=True):

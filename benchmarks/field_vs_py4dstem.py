@@ -60,7 +60,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import numpy as np  # noqa: E402
 
-from machine import load_avg, machine_info  # noqa: E402
+from machine import load_avg, machine_info, write_json  # noqa: E402
 
 PEER_VENV = os.path.join(HERE, ".venv-py4dstem")
 VALIDATION_CASES = {"37 deg, flipped": (37.0, True), "-120 deg, not flipped": (-120.0, False)}
@@ -272,7 +272,7 @@ def main(argv=None):
             results["validation"][case] = entry
     if args.validate_only:
         if args.json:
-            _write_json(args.json, results)
+            write_json(args.json, results)
         return results
 
     # ---- the benchmark --------------------------------------------------------------------------------------
@@ -342,22 +342,9 @@ def main(argv=None):
     log(f"load average at the start {results['load_avg_start']}, at the end {results['load_avg_end']}; "
         f"datasets and peer maps in {workdir}")
     if args.json:
-        _write_json(args.json, results)
+        write_json(args.json, results)
     return results
 
-
-def _write_json(path, results):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-
-    def default(o):
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-        raise TypeError(type(o))
-
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1, default=default)
 
 
 if __name__ == "__main__":

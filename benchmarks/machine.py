@@ -38,3 +38,20 @@ def load_avg():
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+def write_json(path, results) -> None:
+    """Write ``results`` to ``path`` as indented JSON (its folder made if needed); numpy scalars and
+    arrays become numbers and lists, anything else unknown its ``str``."""
+    import json
+
+    def default(o):
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        if isinstance(o, np.generic):
+            return o.item()
+        return str(o)
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1, default=default)

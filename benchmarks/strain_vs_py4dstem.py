@@ -52,7 +52,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import numpy as np  # noqa: E402
 from scipy.ndimage import binary_erosion  # noqa: E402
 
-from machine import load_avg, machine_info  # noqa: E402
+from machine import load_avg, machine_info, write_json  # noqa: E402
 
 COMPONENTS = ("exx", "eyy", "exy", "theta")
 PEER_VENV = os.path.join(HERE, ".venv-py4dstem")
@@ -348,7 +348,7 @@ def main(argv=None):
 
     if args.validate_only:
         if args.json:
-            _write_json(args.json, results)
+            write_json(args.json, results)
         return results
 
     # ---- the benchmark --------------------------------------------------------------------------------------
@@ -393,28 +393,15 @@ def main(argv=None):
             print(fmt_row(name, n, row["timings"].get("median", {}), row["score"]))
         print()
         if args.json:
-            _write_json(args.json, results)
+            write_json(args.json, results)
 
     results["load_avg_end"] = load_avg()
     log(f"load average at the start {results['load_avg_start']}, at the end {results['load_avg_end']}; "
         f"datasets and peer maps in {workdir}")
     if args.json:
-        _write_json(args.json, results)
+        write_json(args.json, results)
     return results
 
-
-def _write_json(path, results):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-
-    def default(o):
-        if isinstance(o, np.generic):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-        raise TypeError(type(o))
-
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1, default=default)
 
 
 if __name__ == "__main__":

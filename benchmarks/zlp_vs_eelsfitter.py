@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import eelsfitter_runner as efr  # noqa: E402
-from machine import load_avg, machine_info  # noqa: E402
+from machine import load_avg, machine_info, write_json  # noqa: E402
 
 HIDDEN = (10, 15, 5)  # EELSFitter's MultilayerPerceptron, fixed in its code
 _BIG_KEYS = ("est", "zlp_median", "zlp_low", "zlp_high", "de1", "de2")  # not written to the JSON
@@ -286,8 +286,7 @@ def main(argv=None):
             partial = dict(results)
             partial["stemml"] = {d: {k: v for k, v in o.items() if k not in _BIG_KEYS} for d, o in stemml.items()}
             partial["eelsfitter"] = ef
-            with open(args.json, "w") as f:
-                json.dump(partial, f, indent=1, default=_json_default)
+            write_json(args.json, partial)
 
     # ------------------------------------------------------------------ stemml
     stemml, ef = {}, {}
@@ -399,18 +398,10 @@ def main(argv=None):
     results["wall_time_s"] = time.perf_counter() - t_start
     print(report(results, args))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1, default=_json_default)
+        write_json(args.json, results)
         log(f"results written to {args.json}")
     return results
 
-
-def _json_default(o):
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    return str(o)
 
 
 # ---------------------------------------------------------------------------------------------------------------
