@@ -2,10 +2,10 @@
 
 - :mod:`~stemml_core.diffraction.disks`: direct beam, descan, probe template, disk detection;
 - :mod:`~stemml_core.diffraction.lattice`: primitive basis, indexing, batched basis fits;
-- :mod:`~stemml_core.diffraction.strain`: strain and rotation maps of a HyperSpy signal, and the
-  reference region chosen from a segmentation;
+- :mod:`~stemml_core.diffraction.strain`: strain and rotation maps of a HyperSpy signal, the
+  reference region chosen from a segmentation, and a tilt flag from the Friedel pairs;
 - :mod:`~stemml_core.diffraction.bilayer`: twisted bilayers, a joint fit of both lattices, per-layer
-  strain and the twist angle;
+  strain and the twist angle with their uncertainties;
 - :mod:`~stemml_core.diffraction.field`: centre of mass, descan, scan-detector rotation, projected
   field, integrated potential (iCoM), charge density and DPC of focused-probe data;
 - :mod:`~stemml_core.diffraction.polarization`: polar domains, their sign with an uncertainty from
@@ -49,6 +49,7 @@ from stemml_core.diffraction.lattice import (
 from stemml_core.diffraction.polarization import PolarizationResult, domain_walls, polarization_map
 from stemml_core.diffraction.strain import (
     StrainResult,
+    friedel_dipole,
     plot_strain,
     reference_region,
     strain_components,
@@ -79,6 +80,7 @@ __all__ = [
     "fit_basis",
     "fit_descan",
     "fit_lattices",
+    "friedel_dipole",
     "index_vectors",
     "integrate_gradient",
     "interaction_constant",

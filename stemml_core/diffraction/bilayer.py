@@ -10,7 +10,8 @@ origin and one basis per layer.
 
 - :func:`twist_angle`: the rotation from one layer's basis to the other's, degrees.
 - :func:`fit_lattices`: the joint least-squares fit of a batch of patterns (array function, px).
-- :func:`bilayer_strain_map`: the signal-level analysis, a strain map per layer and a twist map.
+- :func:`bilayer_strain_map`: the signal-level analysis, a strain map per layer and a twist map,
+  each with a standard-deviation map from the joint fit's covariance.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from stemml_core.diffraction.strain import (
     _sample,
     reference_region,
     strain_components,
+    strain_uncertainty,
 )
 from stemml_core.io import load_4dstem
 
@@ -50,7 +52,10 @@ __all__ = ["BilayerResult", "JointFit", "bilayer_strain_map", "fit_lattices", "t
 _TWIST_SEARCH = np.arange(1.0, 60.0)
 """Trial twists, degrees, when none is given: 1-degree steps, within the joint fit's reach."""
 _N_REFINED = 5  # trial starts with the lowest residual that are fitted in full
-_N_OUTPUTS = 17  # per pattern: origin (2), G1 (4), G2 (4), per layer residual and disks, status (2), residual
+_N_OUTPUTS = 53  # per pattern: origin (2), G1 (4), G2 (4), per layer residual and disks, status (2), residual,
+# covariance of (G1, G2) (upper triangle of 8 x 8: 36)
+_UPPER = np.triu_indices(8)
+COMPONENTS = ("exx", "eyy", "exy", "theta")
 
 
 def twist_angle(basis1, basis2) -> np.ndarray:
@@ -193,6 +198,10 @@ class JointFit:
         Compare it across a scan: a region the model does not describe stands out.
     n_iterations : numpy.ndarray
         ``(n,)`` int, Gauss-Newton steps taken.
+    covariance : numpy.ndarray
+        ``(n, 2 + 4 L, 2 + 4 L)`` covariance of the parameters ``(origin, B_1, ..., B_L)`` (each
+        ``B_l`` row-major: ``B[0, 0], B[0, 1], B[1, 0], B[1, 1]``), px², for patterns of
+        electron counts (see :func:`fit_lattices`).
     """
 
     origin: np.ndarray
@@ -205,10 +214,33 @@ class JointFit:
     valid: np.ndarray
     residual: np.ndarray
     n_iterations: np.ndarray
+    covariance: np.ndarray
 
     def __post_init__(self):
         for f in fields(self):
             getattr(self, f.name).setflags(write=False)
+
+
+def _twist_uncertainty(basis1, basis2, covariance) -> np.ndarray:
+    """Standard deviation (degrees) of :func:`twist_angle`, to first order, from the covariance
+    ``(..., 8, 8)`` of ``(G1, G2)`` (each row-major, 1/nm²)."""
+    inverse = np.linalg.inv(basis1)
+    relation = basis2 @ inverse  # M = G2 G1^-1
+    u = relation[..., 0, 1] - relation[..., 1, 0]
+    v = relation[..., 0, 0] + relation[..., 1, 1]
+    gradient = np.empty(basis1.shape[:-2] + (8,))
+    for c in range(2):
+        for j in range(2):
+            # dM for dG2 = E_cj: E_cj G1^-1; for dG1 = E_cj: -M E_cj G1^-1
+            d_second = np.zeros(basis1.shape)
+            d_second[..., c, :] = inverse[..., j, :]
+            d_first = -relation[..., :, c, None] * inverse[..., None, j, :]
+            for offset, change in ((0, d_first), (4, d_second)):
+                du = change[..., 0, 1] - change[..., 1, 0]
+                dv = change[..., 0, 0] + change[..., 1, 1]
+                gradient[..., offset + 2 * c + j] = (v * du - u * dv) / (u**2 + v**2)
+    variance = np.einsum("...a,...ab,...b->...", gradient, covariance, gradient)
+    return np.degrees(np.sqrt(variance))
 
 
 def _position_jacobian(layer: np.ndarray, indices: np.ndarray, n_layers: int) -> np.ndarray:
@@ -342,13 +374,50 @@ def _normal_equations(batch: _Terms, amplitude, jacobian, n_pixels, total):
     return normal, rhs
 
 
-def _solve(normal: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-    """Batched solve with Jacobi scaling and a tiny ridge (a disk of zero amplitude leaves a
-    layer's parameters undetermined; the ridge keeps them where they are)."""
+def _scaled(normal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Jacobi-scaled normal matrices with a tiny ridge (a disk of zero amplitude leaves a layer's
+    parameters undetermined; the ridge keeps them where they are), and the scale."""
     scale = 1 / np.sqrt(np.maximum(np.diagonal(normal, axis1=1, axis2=2), 1e-300))
     scaled = normal * scale[:, :, None] * scale[:, None, :]
     scaled[:, np.arange(len(scale[0])), np.arange(len(scale[0]))] += 1e-9
+    return scaled, scale
+
+
+def _solve(normal: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """Batched solve of the normal equations (see :func:`_scaled`)."""
+    scaled, scale = _scaled(normal)
     return np.linalg.solve(scaled, (rhs * scale)[..., None])[..., 0] * scale
+
+
+def _parameter_covariance(batch, terms, normal, amplitude, background, jacobian, total) -> np.ndarray:
+    """Covariance (n, k, k) of the position parameters for Poisson counts: ``N^-1 S N^-1``.
+
+    ``N`` is the Gauss-Newton normal matrix of the unweighted fit, ``S = J^T diag(M) J`` the
+    covariance of its right-hand side when each pixel's variance is the model ``M`` (Poisson).
+    ``S`` is built disk by disk, overlaps left out: with ``M ~ a_j T_j + b`` near disk ``j``,
+    ``<M dT dT^T> = a_j <T dT dT^T> + b <dT dT^T>`` for the positions, ``a_j <T^3> + b <T^2>``
+    for the amplitudes, ``a_j <T^2> + b <T>`` between amplitude and background and the total
+    counts for the background; template constants of a disk inside the detector.
+    """
+    n, m = amplitude.shape
+    k = jacobian.shape[-1]
+    image, d_row, d_col = terms.images(np.zeros((1, 2)))[0]
+    gradient = np.stack([d_row, d_col]).reshape(2, -1)
+    cubic = np.einsum("p,ip,jp->ij", image.ravel(), gradient, gradient)  # <T dT dT^T>
+    weight = np.where(batch.valid, np.maximum(amplitude, 0.0), 0.0)  # the model is not negative
+    background = np.maximum(background, 0.0)
+    local = (weight[..., None, None] * cubic + background[:, None, None, None] * -terms.curvature)
+    local *= (weight**2)[..., None, None]
+    size = normal.shape[-1]
+    noise = np.zeros((n, size, size))
+    noise[:, :k, :k] = np.einsum("jek,njef,jfl->nkl", jacobian, local, jacobian)
+    disks = np.arange(k, k + m)
+    noise[:, disks, disks] = weight * (image**3).sum() + background[:, None] * (image**2).sum()
+    noise[:, disks, -1] = noise[:, -1, disks] = weight * (image**2).sum() + background[:, None] * batch.valid
+    noise[:, -1, -1] = total
+    scaled, scale = _scaled(normal)
+    rows = (np.linalg.inv(scaled) * scale[:, :, None] * scale[:, None, :])[:, :k]  # N^-1 [theta, :]
+    return np.einsum("nka,nab,nlb->nkl", rows, noise, rows)
 
 
 def _positions(origin, bases, layer, indices) -> np.ndarray:
@@ -420,6 +489,11 @@ def fit_lattices(
     is modelled by its part on the detector; a disk whose centre lies more than a radius
     beyond the edge is not modelled (amplitude 0).
 
+    ``covariance`` is that of unweighted least squares under Poisson noise, ``N^-1 J^T diag(M)
+    J N^-1`` (``N = J^T J`` the normal matrix at the solution, ``M`` the model, the variance of
+    each pixel's counts), with ``J^T diag(M) J`` summed disk by disk and overlaps between disks
+    left out; it assumes the patterns are electron counts and the model fits them.
+
     ``misfit`` is one Gauss-Newton step of a disk's own position with everything else fixed,
     ``(a_j^2 K_j)^-1 a_j <P - M, dT_j/dp_j>`` (``K_j = <dT_j/dp, dT_j/dp>``), the free disk's
     offset from the lattice, which stays free of its overlapping neighbours.
@@ -480,6 +554,8 @@ def fit_lattices(
     stiffness = batch.self_stiffness + np.where(batch.valid[..., None, None], 0.0, np.eye(2))
     with np.errstate(invalid="ignore", divide="ignore"):
         misfit = np.linalg.solve(stiffness, pull[..., None])[..., 0] / amplitude[..., None]
+    normal, _ = _normal_equations(batch, amplitude, jacobian, n_pixels, total)
+    covariance = _parameter_covariance(batch, terms, normal, amplitude, background, jacobian, total)
     model_energy = np.einsum("nj,njk,nk->n", amplitude, batch.amplitude_matrix, amplitude)
     squared = (np.einsum("nhw,nhw->n", patterns, patterns, dtype=np.float64)
                - 2 * (np.einsum("nj,nj->n", amplitude, batch.data) + background * total)
@@ -496,6 +572,7 @@ def fit_lattices(
         valid=batch.valid,
         residual=squared / total,
         n_iterations=steps,
+        covariance=covariance,
     )
 
 
@@ -607,7 +684,10 @@ def _bilayer_block(patterns, *, template, bases_px, indices, radius_px, to_scan,
         columns += [np.where(code == FitStatus.OK, residual, np.nan)[:, None], mine.sum(axis=1)[:, None] + 1]
     ok = (status[0] == FitStatus.OK) & (status[1] == FitStatus.OK)
     columns[1] = np.where(ok[:, None], columns[1], np.nan)
-    return np.column_stack(columns + [np.stack(status, axis=1), fit.residual])
+    # (G1, G2) = to_scan (B1, B2): row-major elements transform by kron(to_scan, I)
+    transform = np.kron(np.eye(2), np.kron(to_scan, np.eye(2)))
+    covariance = transform @ fit.covariance[:, 2:, 2:] @ transform.T
+    return np.column_stack(columns + [np.stack(status, axis=1), fit.residual, covariance[:, _UPPER[0], _UPPER[1]]])
 
 
 @dataclass(frozen=True)
@@ -628,6 +708,10 @@ class BilayerResult:
     twist_angle : hyperspy.signal.BaseSignal
         Local twist of the second layer relative to the first (:func:`twist_angle`), degrees,
         counter-clockwise looking down the beam; NaN where not fitted.
+    twist_angle_std : hyperspy.signal.BaseSignal
+        One standard deviation of ``twist_angle``, degrees, from the joint fit's covariance
+        (:attr:`JointFit.covariance`, both layers' bases and their correlation); NaN where not
+        fitted.
     reference_twist : float
         Twist between the two reference bases, degrees.
     residual : hyperspy.signal.BaseSignal
@@ -639,6 +723,7 @@ class BilayerResult:
     twist_angle: BaseSignal
     reference_twist: float
     residual: BaseSignal
+    twist_angle_std: BaseSignal | None = None
 
 
 def bilayer_strain_map(
@@ -781,14 +866,25 @@ def bilayer_strain_map(
         )
     reference_bases = np.median(basis[mask], axis=0)
     descan = fit_descan(origin, order=_feasible_order(descan_order, np.isfinite(origin).all(axis=-1).sum()))
+    covariance = np.zeros(scan_shape + (8, 8))
+    covariance[..., _UPPER[0], _UPPER[1]] = values[..., 17:]
+    covariance = covariance + np.swapaxes(np.triu(covariance, 1), -1, -2)
+    fitted_basis = np.where(ok[..., None, None, None], basis, np.eye(2))
+    titles = ("Strain exx", "Strain eyy", "Strain exy", "Rotation theta")
+    quantities = ("Strain", "Strain", "Strain", "Rotation (rad)")
     layers = []
     for layer in range(2):
         name = f"layer {layer + 1}"
         components = strain_components(basis[..., layer, :, :], reference_bases[layer])
         maps = [navigation_map(component, signal, title=f"{title} ({name})", quantity=quantity)
-                for component, title, quantity in zip(
-                    components, ("Strain exx", "Strain eyy", "Strain exy", "Rotation theta"),
-                    ("Strain", "Strain", "Strain", "Rotation (rad)"))]
+                for component, title, quantity in zip(components, titles, quantities)]
+        block = slice(4 * layer, 4 * layer + 4)
+        errors = strain_uncertainty(fitted_basis[..., layer, :, :], covariance[..., block, block],
+                                    reference_bases[layer])
+        error_maps = {f"{component}_std": navigation_map(np.where(ok, error, np.nan), signal,
+                                                        title=f"{title} ({name}), one standard deviation",
+                                                        quantity=quantity)
+                      for component, error, title, quantity in zip(COMPONENTS, errors, titles, quantities)}
         layers.append(StrainResult(
             *maps,
             residual=navigation_map(values[..., 10 + 2 * layer], signal, title=f"Lattice fit residual ({name})",
@@ -804,7 +900,9 @@ def bilayer_strain_map(
             template=template,
             disk_radius=radius,
             scan_rotation=float(scan_rotation),
+            **error_maps,
         ))
+    twist_error = _twist_uncertainty(fitted_basis[..., 0, :, :], fitted_basis[..., 1, :, :], covariance)
     twist_map = navigation_map(twist_angle(basis[..., 0, :, :], basis[..., 1, :, :]), signal, title="Twist angle",
                                quantity="Twist angle (deg)")
     return BilayerResult(
@@ -812,4 +910,6 @@ def bilayer_strain_map(
         twist_angle=twist_map,
         reference_twist=float(twist_angle(reference_bases[0], reference_bases[1])),
         residual=navigation_map(values[..., 16], signal, title="Joint fit residual", quantity="Residual / Poisson"),
+        twist_angle_std=navigation_map(np.where(ok, twist_error, np.nan), signal,
+                                       title="Twist angle, one standard deviation", quantity="Twist angle (deg)"),
     )

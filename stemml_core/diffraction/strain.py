@@ -18,6 +18,8 @@ component against):
   tensor shear (half the engineering shear).
 - **Rotation** ``theta = (F[0, 1] - F[1, 0]) / 2``, radians, counter-clockwise looking down the
   beam (counter-clockwise on the ``imshow`` display), in the scan frame.
+- **Tilt.** A pattern taken off the zone axis is flagged from the intensities of its Friedel
+  pairs (:func:`friedel_dipole`), not fitted as strain: see ``StrainResult.tilted``.
 - **Reference.** ``G0`` is the element-wise median of the fitted bases over a reference region
   (all fitted patterns by default, a mask, or the region :func:`reference_region` chooses from a
   segmentation of the patterns), or a basis given by the caller.
@@ -37,12 +39,21 @@ from stemml_core.diffraction.lattice import FitStatus, fit_basis, index_vectors,
 from stemml_core.io import InputError, load_4dstem
 from stemml_core.segment import PatternSegmentation
 
-__all__ = ["StrainResult", "plot_strain", "reference_region", "strain_components", "strain_map", "strain_uncertainty"]
+__all__ = [
+    "StrainResult",
+    "friedel_dipole",
+    "plot_strain",
+    "reference_region",
+    "strain_components",
+    "strain_map",
+    "strain_uncertainty",
+]
 
 _SAMPLE_SIDE = 16
 """The global steps (disk radius, template, lattice) read a grid of at most 16 x 16 patterns."""
 
-_N_OUTPUTS = 12  # per pattern: G (4), origin (2), residual, n_disks, status, covariance of G's rows (3)
+_N_OUTPUTS = 16  # per pattern: G (4), origin (2), residual, n_disks, status, covariance of G's rows (3),
+# Friedel dipole (2), its chi-square, Friedel pairs
 
 
 def _rotation(angle_deg: float) -> np.ndarray:
@@ -100,7 +111,9 @@ def strain_uncertainty(basis, covariance, reference_basis) -> tuple[np.ndarray, 
         ``(..., 2, 2)`` fitted bases ``G`` (1/nm), as for :func:`strain_components`.
     covariance : array_like
         ``(..., 2, 2)`` covariance of each row ``(G[c, 0], G[c, 1])`` of ``G`` (1/nm²), the rows
-        uncorrelated (:attr:`~stemml_core.diffraction.lattice.LatticeFit.covariance`).
+        uncorrelated (:attr:`~stemml_core.diffraction.lattice.LatticeFit.covariance`); or
+        ``(..., 4, 4)``, the full covariance of ``G`` row-major (``G[0, 0], G[0, 1], G[1, 0],
+        G[1, 1]``), as the joint bilayer fit gives.
     reference_basis : array_like
         ``(2, 2)`` reference ``G0``, taken as exact (a median over many patterns).
 
@@ -123,8 +136,132 @@ def strain_uncertainty(basis, covariance, reference_basis) -> tuple[np.ndarray, 
             gradient[..., :, c, j] = np.stack([d_ft[..., 0, 0], d_ft[..., 1, 1],
                                               (d_ft[..., 1, 0] + d_ft[..., 0, 1]) / 2,
                                               (d_ft[..., 1, 0] - d_ft[..., 0, 1]) / 2], axis=-1)
-    variance = np.einsum("...ocj,...jk,...ock->...o", gradient, covariance, gradient)
+    if covariance.shape[-2:] == (4, 4):
+        flat = gradient.reshape(gradient.shape[:-2] + (4,))  # element (c, j) at 2 c + j
+        variance = np.einsum("...oa,...ab,...ob->...o", flat, covariance, flat)
+    else:
+        variance = np.einsum("...ocj,...jk,...ock->...o", gradient, covariance, gradient)
     return tuple(np.sqrt(variance[..., k]) for k in range(4))
+
+
+def friedel_dipole(g, intensity, indices, pattern, n_patterns: int, *,
+                   noise_factor: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Intensity dipole of the Friedel pairs of every pattern: the sign of a specimen tilt.
+
+    Parameters
+    ----------
+    g : array_like
+        ``(m, 2)`` reciprocal vector ``(kx, ky)`` of each disk, 1/nm (e.g. its indices on the
+        reference basis).
+    intensity : array_like
+        ``(m,)`` integrated disk intensity, electron counts (their Poisson noise sets the noise
+        level).
+    indices : array_like
+        ``(m, 2)`` int ``(h, k)`` of each disk; ``(h, k)`` and ``(-h, -k)`` of one pattern form
+        a Friedel pair. Each ``(pattern, h, k)`` at most once; ``(0, 0)`` is ignored.
+    pattern : array_like
+        ``(m,)`` int pattern of each disk, in ``[0, n_patterns)``.
+    n_patterns : int
+        Number of patterns.
+    noise_factor : float
+        ``var(I) = noise_factor * I`` (counts²): 1 for a plain sum of counts, a little more for
+        an amplitude fitted with a template (about 1.1 for the probe template of
+        :func:`strain_map`, which computes it from the template).
+
+    Returns
+    -------
+    dipole : numpy.ndarray
+        ``(n, 2)`` dipole ``d`` (nm), ``(x, y)`` components: the asymmetry of a pair is
+        ``r_g = (I_g - I_-g) / (I_g + I_-g) ~ d . g``. NaN with fewer than six pairs.
+    chi2 : numpy.ndarray
+        ``(n,)`` ``d^T C^-1 d`` with ``C`` the covariance of ``d`` from Poisson counts:
+        chi-square with 2 degrees of freedom for an untilted pattern, so that
+        ``exp(-chi2 / 2)`` is the probability of a dipole at least this large from noise alone.
+        NaN where ``dipole`` is.
+    n_pairs : numpy.ndarray
+        ``(n,)`` int, Friedel pairs of each pattern.
+
+    Notes
+    -----
+    On the zone axis a thin crystal's Friedel pairs are about equally bright; a tilt ``tau``
+    moves the Ewald sphere by ``g . tau`` at ``g`` and by ``-g . tau`` at ``-g``, so one member
+    of each pair brightens and the other dims, in proportion to ``g . tau`` for small tilts: a
+    dipole along ``tau``. Per pattern a weighted least-squares fit ``r_g = d . g + c cos 3 psi +
+    s sin 3 psi`` (``psi`` the angle of ``g``) over its pairs gives ``d``; the three-fold terms
+    take up the Friedel asymmetry of a non-centrosymmetric layer (a three-fold pattern whose
+    vector sum vanishes only over complete families of disks), so that it does not leak into
+    ``d`` where some disks are missing. Weights ``1 / var(r_g)``, ``var(r_g) = 4 kappa I_g
+    I_-g / (I_g + I_-g)^3`` from Poisson counts (``kappa`` the ``noise_factor``; a background
+    under the disks adds noise that is not counted: the chi-square then comes out too large).
+    For the generator's tilt model the brighter member of a pair is the one with ``g . tau <
+    0``: ``d`` points about along ``-tau`` while ``|g . tau|`` stays below ``lambda |g|^2 / 2``
+    (small tilts); for larger tilts ``r_g`` is no longer linear in ``g`` and only the size of the
+    chi-square, not the direction, is to be relied on.
+
+    Examples
+    --------
+    >>> hk = np.array([(1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (-1, -1), (2, 0), (-2, 0), (1, -1),
+    ...                (-1, 1), (0, 2), (0, -2)])
+    >>> g = hk.astype(float)
+    >>> counts = 1e4 * (1 + 0.05 * g[:, 0])  # brighter towards +kx
+    >>> dipole, chi2, pairs = friedel_dipole(g, counts, hk, np.zeros(12, int), 1)
+    >>> np.round(dipole, 3), int(pairs[0]), bool(chi2[0] > 20)
+    (array([[0.05, 0.  ]]), 6, True)
+    """
+    g = np.asarray(g, dtype=float).reshape(-1, 2)
+    intensity = np.asarray(intensity, dtype=float)
+    indices = np.asarray(indices, dtype=int).reshape(-1, 2)
+    pattern = np.asarray(pattern, dtype=int)
+    reach = int(np.abs(indices).max(initial=0)) + 1
+    width = 2 * reach + 1
+
+    def key(p, h, k):
+        return (p * width + h + reach) * width + k + reach
+
+    keys = key(pattern, indices[:, 0], indices[:, 1])
+    order = np.argsort(keys)
+    positive = np.flatnonzero((indices[:, 0] > 0) | ((indices[:, 0] == 0) & (indices[:, 1] > 0)))
+    partner_key = key(pattern[positive], -indices[positive, 0], -indices[positive, 1])
+    where = np.clip(np.searchsorted(keys[order], partner_key), 0, max(len(keys) - 1, 0))
+    found = (keys[order][where] == partner_key) if len(keys) else np.zeros(0, bool)
+    plus, minus = positive[found], order[where[found]]
+    total = intensity[plus] + intensity[minus]
+    usable = (intensity[plus] > 0) & (intensity[minus] > 0)
+    plus, minus, total = plus[usable], minus[usable], total[usable]
+    ratio = (intensity[plus] - intensity[minus]) / total
+    weight = total**3 / (4 * noise_factor * intensity[plus] * intensity[minus])
+    psi = np.arctan2(g[plus, 1], g[plus, 0])
+    design = np.column_stack([g[plus], np.cos(3 * psi), np.sin(3 * psi)])
+    owner = pattern[plus]
+
+    def summed(values):
+        return np.bincount(owner, weights=values, minlength=n_patterns)
+
+    normal = np.empty((n_patterns, 4, 4))
+    right = np.empty((n_patterns, 4))
+    for i in range(4):
+        right[:, i] = summed(weight * design[:, i] * ratio)
+        for j in range(4):
+            normal[:, i, j] = summed(weight * design[:, i] * design[:, j])
+    n_pairs = np.bincount(owner, minlength=n_patterns)
+    dipole = np.full((n_patterns, 2), np.nan)
+    chi2 = np.full(n_patterns, np.nan)
+    enough = n_pairs >= 6
+    enough[enough] = np.linalg.cond(normal[enough]) < 1e12
+    if enough.any():
+        covariance = np.linalg.inv(normal[enough])[:, :2, :2]
+        dipole[enough] = np.linalg.solve(normal[enough], right[enough][..., None])[:, :2, 0]
+        chi2[enough] = np.einsum("ni,nij,nj->n", dipole[enough], np.linalg.inv(covariance), dipole[enough])
+    return dipole, chi2, n_pairs
+
+
+def _template_noise_factor(template: np.ndarray) -> float:
+    """``var(a) / a`` of a disk intensity ``a`` (counts) fitted as the amplitude of ``template``
+    with the constant left out (as :func:`~stemml_core.diffraction.disks.refine_disks` does),
+    for Poisson counts: ``sum T'^2 T / (sum T'^2)^2``, ``T`` at unit sum, ``T' = T - mean T``."""
+    unit = np.asarray(template, dtype=float) / np.sum(template)
+    centred = unit - unit.mean()
+    return float((centred**2 * unit).sum() / (centred**2).sum() ** 2)
 
 
 def _fit_block(
@@ -139,11 +276,12 @@ def _fit_block(
     index_tolerance,
     device,
 ) -> np.ndarray:
-    """Disks, indices and basis of a block of patterns (n, H, W): (n, 12) per-pattern numbers.
+    """Disks, indices and basis of a block of patterns (n, H, W): (n, 16) per-pattern numbers.
 
     Columns: ``G[0, 0], G[0, 1], G[1, 0], G[1, 1]`` (1/nm, scan frame), direct-beam centre
-    ``(row, col)`` px (the brightest disk), residual (1/nm), disks used, status code, and the
-    covariance ``C[0, 0], C[0, 1], C[1, 1]`` of each row ``(G[c, 0], G[c, 1])`` (1/nm²).
+    ``(row, col)`` px (the brightest disk), residual (1/nm), disks used, status code, the
+    covariance ``C[0, 0], C[0, 1], C[1, 1]`` of each row ``(G[c, 0], G[c, 1])`` (1/nm²), the
+    Friedel dipole ``(x, y)`` (nm), its chi-square and the number of Friedel pairs.
     """
     n = len(patterns)
     disks = find_disks(patterns, template, min_snr=min_snr, min_relative=min_relative, device=device)
@@ -164,7 +302,10 @@ def _fit_block(
         np.where(fit.status == FitStatus.NO_DISKS, FitStatus.TOO_FEW_INDEXED, fit.status),
     )
     covariance = fit.covariance.reshape(n, 4)[:, [0, 1, 3]]
-    return np.column_stack([fit.basis.reshape(n, 4), origin, fit.residual, fit.n_disks, status, covariance])
+    dipole, chi2, n_pairs = friedel_dipole(indices[keep] @ approximate_basis.T, disks.intensity[keep], indices[keep],
+                                           disks.pattern[keep], n, noise_factor=_template_noise_factor(template))
+    return np.column_stack([fit.basis.reshape(n, 4), origin, fit.residual, fit.n_disks, status, covariance,
+                            dipole, chi2, n_pairs])
 
 
 @dataclass(frozen=True)
@@ -210,7 +351,27 @@ class StrainResult:
     exx_std, eyy_std, exy_std, theta_std : hyperspy.signal.BaseSignal
         One standard deviation of each map from the lattice fit's covariance
         (:func:`strain_uncertainty`), same units; NaN also where a pattern has fewer than
-        four disks. None for the layers of a bilayer fit, which has no covariance yet.
+        four disks.
+    tilt_dipole : hyperspy.signal.BaseSignal or None
+        Length ``|d|`` of the Friedel-pair intensity dipole (:func:`friedel_dipole`), nm: a pair
+        ``g, -g`` differs in intensity by about ``(I_g - I_-g) / (I_g + I_-g) = d . g``. A tilt
+        (or bending) of the specimen away from the zone axis makes it; NaN where not fitted or
+        with fewer than six Friedel pairs. None for the layers of a bilayer fit.
+    tilt_direction : hyperspy.signal.BaseSignal or None
+        Direction of ``d``, degrees counter-clockwise from +x looking down the beam, in the scan
+        frame: towards the brighter members of the pairs, perpendicular to the tilt axis (along
+        ``-tau`` for the generator's ``tilt``) while the tilt is small, below about
+        ``lambda |g| / 2`` (5 mrad for MoS2's first order at 200 kV); beyond, the asymmetry is no
+        longer linear in ``g`` and the direction is unreliable (the flag is not). None for the
+        layers of a bilayer fit.
+    tilt_chi2 : hyperspy.signal.BaseSignal or None
+        ``d^T C^-1 d`` (``C`` the covariance of ``d`` from Poisson counts), chi-square with two
+        degrees of freedom where the pattern is on the zone axis. None for a bilayer's layers.
+    tilted : hyperspy.signal.BaseSignal or None
+        bool, True where ``exp(-tilt_chi2 / 2)`` is below ``tilt_false_alarm`` of
+        :func:`strain_map` (a dipole that noise alone gives that rarely): the pattern is off the
+        zone axis, and its strain may hold an apparent compression by the projection; read it
+        with suspicion rather than as strain. False where not fitted. None for a bilayer's layers.
     """
 
     exx: BaseSignal
@@ -232,6 +393,10 @@ class StrainResult:
     eyy_std: BaseSignal | None = None
     exy_std: BaseSignal | None = None
     theta_std: BaseSignal | None = None
+    tilt_dipole: BaseSignal | None = None
+    tilt_direction: BaseSignal | None = None
+    tilt_chi2: BaseSignal | None = None
+    tilted: BaseSignal | None = None
 
     def __post_init__(self):
         for f in fields(self):
@@ -436,6 +601,7 @@ def strain_map(
     index_tolerance: float = 0.2,
     device: str = "cpu",
     block_pixels: int = 256,
+    tilt_false_alarm: float = 0.01,
     progress: bool = True,
 ) -> StrainResult:
     """Strain and rotation maps of a nanobeam 4D-STEM dataset.
@@ -470,13 +636,18 @@ def strain_map(
         ``"cpu"`` (scipy.fft) or a torch device such as ``"cuda"`` for the cross-correlation.
     block_pixels : int
         Patterns per block for in-memory input (memory bound: about 300 kB per 128 x 128 pattern).
+    tilt_false_alarm : float
+        Probability, in (0, 1), that noise alone flags a pattern on the zone axis as
+        ``tilted``: the flag is ``tilt_chi2 > -2 ln(tilt_false_alarm)`` (9.2 at the default
+        0.01). Valid for data in electron counts.
     progress : bool
         Show a text progress bar.
 
     Returns
     -------
     StrainResult
-        Maps of ``exx``, ``eyy``, ``exy``, ``theta``, residual, disks used and a reason code,
+        Maps of ``exx``, ``eyy``, ``exy``, ``theta``, their standard deviations, residual, disks
+        used and a reason code, the tilt indicator (Friedel dipole and the ``tilted`` flag),
         plus bases, reference, direct-beam origins and descan fit, template.
 
     Raises
@@ -503,12 +674,18 @@ def strain_map(
        the record: the free offset keeps descan out of the strain); ``G0`` is the median basis
        over the reference (chosen by :func:`reference_region` when ``reference`` is a
        segmentation); ``F``, ``eps`` and ``theta`` follow the module docstring.
+    4. Tilt: the fitted intensities of each pattern's Friedel pairs give the dipole of
+       :func:`friedel_dipole` and its chi-square; ``tilted`` flags the patterns whose dipole
+       noise would reach with a probability below ``tilt_false_alarm``. A tilt also foreshortens
+       the projected lattice across the tilt axis by ``cos(tilt)`` (an apparent compression of
+       0.4 % at 5 degrees), which the strain cannot tell from a real one: flagged patterns are
+       marked, not corrected.
 
     A direct beam clipped at a detector ceiling is refused: integer data that reach their dtype's
     maximum, or count data (integer values) whose direct beam has a flat top (more than a quarter
     of its central pixels at the pattern's maximum, where Poisson noise would make them differ).
 
-    Lazy input is read chunk by chunk with bounded memory; only nine numbers per pattern are
+    Lazy input is read chunk by chunk with bounded memory; only sixteen numbers per pattern are
     kept, so the returned maps are in memory. Eager, lazy and ``dask.distributed`` runs give
     the same numbers. As in :cite:`Bolhuis2024`, a pattern sees the lattice averaged over the
     probe.
@@ -522,6 +699,8 @@ def strain_map(
     >>> round(float(np.nanmean(result.exy.data)), 4), round(float(np.nanmean(result.theta.data)), 4) + 0.0
     (0.01, 0.0)
     """
+    if not 0 < tilt_false_alarm < 1:
+        raise ValueError(f"tilt_false_alarm={tilt_false_alarm!r}; expected a probability in (0, 1) such as 0.01.")
     signal = load_4dstem(signal)
     scan_shape = tuple(signal.axes_manager.navigation_shape[::-1])
     pixel_size = np.array([axis.scale for axis in signal.axes_manager.signal_axes[::-1]])  # (ky, kx) 1/nm
@@ -591,6 +770,8 @@ def strain_map(
     components = strain_components(basis, reference_basis)
     covariance = values[..., [9, 10, 10, 11]].reshape(scan_shape + (2, 2))
     errors = strain_uncertainty(np.where(ok[..., None, None], basis, np.eye(2)), covariance, reference_basis)
+    dipole = np.where(ok[..., None], values[..., 12:14], np.nan)
+    chi2 = np.where(ok, values[..., 14], np.nan)
     maps = [
         navigation_map(component, signal, title=title, quantity=quantity)
         for component, title, quantity in zip(
@@ -610,6 +791,13 @@ def strain_map(
                ("exx", "eyy", "exy", "theta"), errors,
                ("Strain exx", "Strain eyy", "Strain exy", "Rotation theta"),
                ("Strain", "Strain", "Strain", "Rotation (rad)"))},
+        tilt_dipole=navigation_map(np.hypot(dipole[..., 0], dipole[..., 1]), signal, title="Friedel dipole",
+                                   quantity="Dipole (nm)"),
+        tilt_direction=navigation_map(np.degrees(np.arctan2(-dipole[..., 1], dipole[..., 0])), signal,
+                                      title="Friedel dipole direction", quantity="Direction (deg)"),
+        tilt_chi2=navigation_map(chi2, signal, title="Friedel dipole chi-square", quantity="Chi-square"),
+        tilted=navigation_map(np.nan_to_num(chi2) > -2 * np.log(tilt_false_alarm), signal,
+                              title="Tilted (Friedel dipole)", quantity="Flagged"),
         basis=basis,
         reference_basis=np.asarray(reference_basis, dtype=float),
         reference=mask,

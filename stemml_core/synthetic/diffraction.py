@@ -149,6 +149,13 @@ class StrainTruth:
         Every scalar knob of the simulation (provenance), with units in the key names;
         :meth:`disk_positions` reads ``k_pixel_size_inv_nm`` ``(ky, kx)`` and
         ``scan_rotation_deg`` from it.
+    tilt : numpy.ndarray or None
+        ``(rows, cols, 2)`` float64 tilt vector ``tau`` of the specimen at the probe centre, rad,
+        ``(x, y)`` components of the scan frame (see ``tilt`` of :func:`simulate_4dstem`): the
+        tilt angle is ``|tau|``, the tilt axis lies in the specimen plane perpendicular to
+        ``tau``. Zero where untilted, NaN in vacuum; None only for a truth built by hand.
+        Strain and rotation above are those of the lattice itself, without the apparent
+        compression by ``cos |tau|`` that the projection adds to the patterns.
     """
 
     exx: np.ndarray
@@ -165,6 +172,7 @@ class StrainTruth:
     twist_deg: float | None
     second_layer: LayerStrain | None
     params: dict
+    tilt: np.ndarray | None = None
 
     def __post_init__(self):
         for f in fields(self):
@@ -208,10 +216,13 @@ class StrainTruth:
         -------
         numpy.ndarray
             ``(rows, cols, n, 2)`` disk centres ``(row, col)`` in detector px, from the
-            probe-averaged ``F``, the scan-diffraction rotation, the pixel sizes and ``origin``;
-            NaN in vacuum (there only the direct beam, ``origin``, exists).
+            probe-averaged ``F``, the projection of a tilted specimen (``tilt``), the
+            scan-diffraction rotation, the pixel sizes and ``origin``; NaN in vacuum (there only
+            the direct beam, ``origin``, exists).
         """
         basis = self.reciprocal_basis(averaged=True, layer=layer)
+        if self.tilt is not None:
+            basis = _projected(basis, np.nan_to_num(self.tilt))
         return _detector_positions(
             basis,
             np.asarray(indices, dtype=float),
@@ -338,6 +349,29 @@ def _detector_positions(basis, indices, origin, scan_rotation, k_pixel_size) -> 
     k_scan = np.einsum("...ij,nj->...ni", basis, indices)
     k_det = k_scan @ _rotation(np.deg2rad(scan_rotation)).T
     return origin[..., None, :] + k_det[..., ::-1] / np.asarray(k_pixel_size)
+
+
+def _projected(basis: np.ndarray, tilt: np.ndarray) -> np.ndarray:
+    """Reciprocal basis (..., 2, 2) of the lattice projected along the beam, for tilt vectors
+    ``tilt`` (..., 2) rad: ``P^-1 G`` with ``P = I - (1 - cos phi) n n^T`` the real-space
+    projection (``phi = |tilt|``, ``n = tilt / phi``)."""
+    phi = np.linalg.norm(tilt, axis=-1)
+    safe = np.where(phi > 0, phi, 1.0)
+    factor = np.where(phi > 0, (1 / np.cos(phi) - 1) / safe**2, 0.5)  # limit 1/2 at phi = 0
+    inverse = np.eye(2) + factor[..., None, None] * tilt[..., :, None] * tilt[..., None, :]
+    return inverse @ basis
+
+
+def _excitation_factor(g: np.ndarray, tilt: np.ndarray, wavelength: float, thickness: float) -> np.ndarray:
+    """Relative intensity (n, m) of disks ``g`` (m, 2) 1/nm under tilts (n, 2) rad: the relrod
+    profile ``L(s) = 1 / (1 + (pi t s)^2)`` at the excitation error ``s = -(g . tau + lambda
+    |g|^2 / 2)``, divided by its value at ``tau = 0``."""
+
+    def profile(s):
+        return 1 / (1 + (np.pi * thickness * s) ** 2)
+
+    curvature = wavelength * (g**2).sum(axis=1) / 2
+    return profile(-(tilt @ g.T + curvature)) / profile(-curvature)
 
 
 def _aperture_autocorrelation(q: np.ndarray, wavelength: float, convergence_angle: float) -> np.ndarray:
@@ -564,13 +598,14 @@ def _probe_averaged(layer_gradients, crystal, grid: _FineGrid, wavelength, conve
 
 def _render_patterns(
     averaged, references, origin, scattered, *, detector_shape, k_pixel, radius, edge_width, scan_rotation,
-    intensity_falloff, asymmetry,
+    intensity_falloff, asymmetry, tilt=None, wavelength=None, thickness=None,
 ) -> np.ndarray:
     """Noise-free patterns (rows * cols, H, W) float32, each summing to 1.
 
     ``averaged``: probe-averaged F - I (rows, cols, 2, 2) and ``references``: reference basis
     (2, 2) per layer; ``origin`` (rows, cols, 2) px; ``scattered`` (rows, cols): fraction of the
-    beam one layer scatters.
+    beam one layer scatters; ``tilt`` (rows, cols, 2) rad or None, with ``wavelength`` and
+    ``thickness`` (nm) for its excitation error.
     """
     n_patterns = origin.shape[0] * origin.shape[1]
     reach = np.hypot(detector_shape[0] * k_pixel[0], detector_shape[1] * k_pixel[1]) + radius
@@ -581,10 +616,14 @@ def _render_patterns(
     centres = [origin.reshape(n_patterns, 1, 2)]
     weights = [direct.reshape(n_patterns, 1)]
     for reference, gradient in zip(references, averaged):
-        relative = _disk_weights(indices, reference, intensity_falloff, asymmetry)
-        positions = _detector_positions(_deformed_basis(gradient, reference), indices, origin, scan_rotation, k_pixel)
+        relative = _disk_weights(indices, reference, intensity_falloff, asymmetry)[None, :]
+        basis = _deformed_basis(gradient, reference)
+        if tilt is not None:
+            basis = _projected(basis, tilt)
+            relative = relative * _excitation_factor(indices @ reference.T, tilt.reshape(-1, 2), wavelength, thickness)
+        positions = _detector_positions(basis, indices, origin, scan_rotation, k_pixel)
         centres.append(positions.reshape(n_patterns, -1, 2))
-        weights.append(layer_share * relative / relative.sum())
+        weights.append(layer_share * relative / relative.sum(axis=1, keepdims=True))
     centres, weights = np.concatenate(centres, axis=1), np.concatenate(weights, axis=1)
     half = _disk_half_window(radius, k_pixel, edge_width)
     on_detector = ((centres > -half) & (centres < np.array(detector_shape) - 1 + half)).all(axis=-1).any(axis=0)
@@ -616,6 +655,8 @@ def simulate_4dstem(
     twist: float | None = None,
     heterostrain: np.ndarray | Callable | None = None,
     scan_rotation: float = 0.0,
+    tilt: np.ndarray | Callable | None = None,
+    thickness: float = 10.0,
     random_state: int | np.random.Generator | None = None,
 ) -> tuple[hs.signals.Signal2D, StrainTruth]:
     """Nanobeam 4D-STEM of a deformed hexagonal 2D crystal (one layer or a twisted bilayer).
@@ -660,11 +701,14 @@ def simulate_4dstem(
         ``g_f`` of the kinematic-like falloff ``exp(-(|g| / g_f)^2)`` of the disk intensities, 1/nm.
     asymmetry : float
         Amplitude of the three-fold modulation ``1 + asymmetry cos(3 psi)`` of the disk
-        intensities (``psi`` the angle of ``g0`` from ``g1``), as in a slightly tilted 2H
-        crystal; in [0, 1).
+        intensities (``psi`` the angle of ``g0`` from ``g1``), the same at every scan position;
+        in [0, 1). It makes Friedel pairs unequal (``cos 3 psi`` changes sign from ``g`` to
+        ``-g``), but as a three-fold pattern without a dipole: a tilt indicator that looks for
+        the dipole of ``tilt`` must not mistake it for one.
     intensity_variation : float
         The diffracted intensity falls linearly by this fraction from the top-left to the
-        bottom-right corner of the scan (a thickness or tilt ramp); in [0, 1).
+        bottom-right corner of the scan (a thickness ramp; it scales all disks alike and keeps
+        Friedel pairs equal, so a local tilt is ``tilt``); in [0, 1).
     edge_width : float
         Disk edge blur ``sigma`` in px of the coarser detector axis (anti-aliasing; a
         detector point-spread function), > 0.
@@ -684,6 +728,18 @@ def simulate_4dstem(
     scan_rotation : float
         Rotation of the diffraction pattern relative to the scan frame, degrees,
         counter-clockwise as ``theta``: ``k_det = R(scan_rotation) k_scan``.
+    tilt : numpy.ndarray or callable, optional
+        Local tilt of the specimen away from the zone axis (bending), mrad: the tilt vector
+        ``tau`` in ``(x, y)`` components of the scan frame, whose length is the tilt angle and
+        whose direction is perpendicular to the tilt axis (the specimen turns about the in-plane
+        axis ``(-tau_y, tau_x)``, the beam then leans towards ``tau`` in the crystal's frame).
+        An array broadcastable to ``(rows, cols, 2)`` (a ``(2,)`` is uniform) or a callable
+        ``f(y, x)`` of coordinates in nm returning ``(ny, nx, 2)``; taken at the probe centre,
+        below 500 mrad. None: on the zone axis everywhere (the truth's ``tilt`` is zero). See
+        the notes for what it changes.
+    thickness : float
+        Specimen thickness ``t``, nm; sets the width of the excitation-error profile of
+        ``tilt`` (unused without it).
     random_state : int, numpy.random.Generator or None
         Seed of the Poisson noise.
 
@@ -724,6 +780,21 @@ def simulate_4dstem(
     direct beam. The disk edge is ``erfc((d - R) / (sqrt(2) sigma)) / 2``, which encodes
     sub-pixel positions in the intensities.
 
+    Tilt (``tilt``, vector ``tau`` in rad, ``phi = |tau|``), two effects, both at the probe
+    centre. (1) Excitation error: disk ``g`` (its reference vector in the scan frame, 1/nm)
+    lies off the Ewald sphere by ``s_g = -(g . tau + lambda |g|^2 / 2)`` (1/nm; small angles),
+    and its intensity is multiplied by ``L(s_g) / L(s_g^0)`` with ``L(s) = 1 / (1 + (pi t
+    s)^2)``, a Lorentzian stand-in for the kinematic ``sinc^2(pi t s)`` of a plate of
+    thickness ``t`` with its side lobes left out, and ``s_g^0`` the excitation error on the
+    zone axis (untilted patterns are unchanged); each layer's disks are then rescaled to their
+    former total. As ``g . tau`` changes sign from ``g`` to ``-g``, Friedel pairs become
+    unequal: an intensity dipole along ``tau`` (at 5 mrad and 10 nm the first-order pair of
+    MoS2 differs by about a factor 2). Dynamical scattering, absorption and the
+    three-fold ``asymmetry`` are not coupled to it. (2) Projection: the lattice is seen
+    foreshortened by ``cos phi`` along ``tau``, i.e. the rendered basis is ``P^-1 G`` with
+    ``P = I - (1 - cos phi) n n^T``, ``n = tau / phi``: an apparent uniaxial compression
+    ``cos phi - 1`` (-0.4 % at 5 degrees) that is not in the truth's strain.
+
     The strain geometry follows the nanobeam strain mapping of :cite:`Bolhuis2024` and the
     twisted bilayers of :cite:`vanHeijst2024`.
 
@@ -762,6 +833,7 @@ def simulate_4dstem(
         )
     if twist is not None and not np.isfinite(twist):
         raise ValueError(f"twist={twist!r} degrees; expected a finite angle or None.")
+    _positive("thickness", thickness, " nm")
     alpha = convergence_angle * 1e-3
     radius = alpha / wavelength  # 1/nm
     k_pixel = _pixel_sizes(k_pixel_size)
@@ -789,6 +861,15 @@ def simulate_4dstem(
         if not callable(relative):
             relative = _scan_array(relative, scan_shape, (2, 2), "heterostrain")
         layer_gradients.append(layer_gradients[0] + _on_grid(relative, grid, (2, 2), "heterostrain"))
+    tilt_scan = np.zeros(scan_shape + (2,))
+    if tilt is not None:
+        tilt_scan = 1e-3 * (grid.at_scan(_on_grid(tilt, grid, (2,), "tilt")) if callable(tilt)
+                            else _scan_array(tilt, scan_shape, (2,), "tilt"))
+        if not (np.isfinite(tilt_scan).all() and np.linalg.norm(tilt_scan, axis=-1).max() < 0.5):
+            raise ValueError(
+                f"tilt reaches {1e3 * np.nanmax(np.linalg.norm(tilt_scan, axis=-1)):.4g} mrad or is not finite; "
+                "expected finite tilt vectors (x, y) below 500 mrad."
+            )
     crystal = np.ones(grid.y.shape) if vacuum is None else 1.0 - _on_grid(vacuum, grid, (), "vacuum", dtype=bool)
     point, averaged, vacuum_scan, crystal_fraction = _probe_averaged(layer_gradients, crystal, grid, wavelength, alpha)
 
@@ -808,6 +889,9 @@ def simulate_4dstem(
         scan_rotation=scan_rotation,
         intensity_falloff=intensity_falloff,
         asymmetry=asymmetry,
+        tilt=None if tilt is None else tilt_scan,
+        wavelength=wavelength,
+        thickness=thickness,
     )
     data = patterns.reshape(scan_shape + detector_shape)
     if dose is not None:
@@ -849,6 +933,8 @@ def simulate_4dstem(
         "descan_max_px": float(np.abs(origin - np.array(detector_shape) // 2).max()),
         "twist_deg": None if twist is None else float(twist),
         "scan_rotation_deg": float(scan_rotation),
+        "tilt_max_mrad": float(1e3 * np.linalg.norm(tilt_scan, axis=-1).max()),
+        "thickness_nm": float(thickness),
         "probe_grid_step_nm": grid.step,
         "random_state": random_state if random_state is None or isinstance(random_state, int) else repr(random_state),
     }
@@ -868,6 +954,7 @@ def simulate_4dstem(
         twist_deg=params["twist_deg"],
         second_layer=second,
         params=params,
+        tilt=np.where(vacuum_scan[..., None], np.nan, tilt_scan),
     )
     return signal, truth
 

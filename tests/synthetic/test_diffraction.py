@@ -363,11 +363,66 @@ UNIFORM = np.zeros((2, 2, 2, 2))
         (dict(twist=2.0, heterostrain=np.zeros((3, 3))), r"heterostrain has shape \(3, 3\)"),
         (dict(twist=float("nan")), r"twist=nan degrees"),
         (dict(scan_shape=(3, 3)), r"scan_shape=\(3, 3\) differs"),
+        (dict(tilt=[600.0, 0.0]), r"tilt reaches 600 mrad"),
+        (dict(tilt=np.zeros((3, 2))), r"tilt has shape \(3, 2\)"),
+        (dict(thickness=0.0), r"thickness=0.0 nm"),
     ],
 )
 def test_bad_arguments_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         simulate_4dstem(UNIFORM, **kwargs)
+
+
+def disk_sum(pattern, centre, radius):
+    rows, cols = np.indices(pattern.shape)
+    return pattern[np.hypot(rows - centre[0], cols - centre[1]) <= radius].sum()
+
+
+def test_tilt_unbalances_friedel_pairs_by_the_excitation_error():
+    """A tilt vector tau along +x: the (1, 0) disk (g along +kx) moves off the Ewald sphere,
+    (-1, 0) towards it; their intensity ratio is L(s+) / L(s-), L(s) = 1 / (1 + (pi t s)^2),
+    s = -(g . tau + lambda g^2 / 2). An untilted pattern is the one without ``tilt``."""
+    tau, thickness = 2e-3, 10.0  # rad, nm
+    pattern, truth = single_pattern(np.zeros((2, 2)), asymmetry=0.0, tilt=[1e3 * tau, 0.0], thickness=thickness)
+    g1 = np.array([G_FIRST, 0.0]) / 0.125  # (kx, ky) px
+    bright = disk_sum(pattern, CENTRE - g1[::-1], disk_radius_px() + 3)
+    dim = disk_sum(pattern, CENTRE + g1[::-1], disk_radius_px() + 3)
+    wavelength = electron_wavelength(200.0)
+
+    def profile(s):
+        return 1 / (1 + (np.pi * thickness * s) ** 2)
+
+    expected = profile(-(G_FIRST * tau + wavelength * G_FIRST**2 / 2)) / profile(-(-G_FIRST * tau + wavelength
+                                                                                     * G_FIRST**2 / 2))
+    assert dim / bright == pytest.approx(expected, rel=1e-3)
+    assert expected < 0.8  # a clear asymmetry at 2 mrad and 10 nm
+    np.testing.assert_allclose(truth.tilt[0, 0], [tau, 0.0])
+    assert truth.params["tilt_max_mrad"] == pytest.approx(2.0)
+    flat, flat_truth = single_pattern(np.zeros((2, 2)), asymmetry=0.0)
+    zero, _ = single_pattern(np.zeros((2, 2)), asymmetry=0.0, tilt=np.zeros((1, 1, 2)))
+    np.testing.assert_allclose(zero, flat, rtol=1e-6, atol=1e-12)
+    np.testing.assert_array_equal(flat_truth.tilt, 0.0)
+
+
+def test_tilt_foreshortens_the_projected_lattice():
+    """100 mrad about the y axis (tau along +x): the disks spread by 1 / cos(0.1) along kx only,
+    the truth's strain stays zero (the lattice is not strained) and disk_positions follows."""
+    pattern, truth = single_pattern(np.zeros((2, 2)), tilt=np.array([100.0, 0.0]))
+    for g in hexagonal_reciprocal_basis(0.316).T:
+        expected = CENTRE + (g * [1 / np.cos(0.1), 1.0])[::-1] / 0.125
+        assert np.abs(centroid(pattern, expected, disk_radius_px() + 2) - expected).max() < 0.01
+    np.testing.assert_allclose(truth.disk_positions([(1, 0)])[0, 0, 0], CENTRE + [0, G_FIRST / np.cos(0.1) / 0.125],
+                               atol=1e-9)
+    assert truth.exx[0, 0] == 0 and truth.eyy[0, 0] == 0
+
+
+def test_a_tilt_callable_is_taken_at_the_probe_centre():
+    _, truth = strained_flake((8, 8), detector_shape=(48, 48), dose=None,
+                              tilt=lambda y, x: np.stack([np.where(x > 4.0, 1.0, 0.0), np.zeros_like(x)], -1))
+    crystal = ~truth.vacuum
+    np.testing.assert_array_equal(truth.tilt[..., 0][crystal], np.where(np.arange(8) > 4, 1e-3, 0.0)[None, :]
+                                  .repeat(8, 0)[crystal])
+    assert np.isnan(truth.tilt[truth.vacuum]).all()
 
 
 def test_bad_displacement_gradients_raise():
