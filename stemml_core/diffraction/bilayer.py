@@ -16,13 +16,14 @@ origin and one basis per layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from itertools import product
 
 import numpy as np
 import scipy.fft
 from hyperspy.signal import BaseSignal
 
+from stemml_core._frozen import ReadOnlyArrays
 from stemml_core.blocks import compute_map, map_pixels, navigation_map
 from stemml_core.diffraction.disks import (
     _thresholds,
@@ -166,7 +167,7 @@ class _TemplateTerms:
 
 
 @dataclass(frozen=True)
-class JointFit:
+class JointFit(ReadOnlyArrays):
     """Joint fits of ``n`` patterns by :func:`fit_lattices`, in detector pixels.
 
     Attributes
@@ -215,10 +216,6 @@ class JointFit:
     residual: np.ndarray
     n_iterations: np.ndarray
     covariance: np.ndarray
-
-    def __post_init__(self):
-        for f in fields(self):
-            getattr(self, f.name).setflags(write=False)
 
 
 def _twist_uncertainty(basis1, basis2, covariance) -> np.ndarray:

@@ -21,12 +21,14 @@ The steps, each a batched array function:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from math import ceil
 
 import numpy as np
 import scipy.fft
 from scipy import ndimage
+
+from stemml_core._frozen import ReadOnlyArrays
 
 __all__ = [
     "DirectBeam",
@@ -495,7 +497,7 @@ def refine_disks(patterns, pattern_index, guess, template, *, max_shift: float =
 
 
 @dataclass(frozen=True)
-class Disks:
+class Disks(ReadOnlyArrays):
     """Disks found in ``n_patterns`` patterns by :func:`find_disks`, as flat arrays over all disks.
 
     Attributes
@@ -515,12 +517,6 @@ class Disks:
     position: np.ndarray
     intensity: np.ndarray
     n_patterns: int
-
-    def __post_init__(self):
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, np.ndarray):
-                value.setflags(write=False)
 
     @property
     def counts(self) -> np.ndarray:

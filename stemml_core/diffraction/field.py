@@ -24,7 +24,7 @@ Conventions (shared with :mod:`stemml_core.synthetic.field`, which the tests che
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from math import pi, sqrt
 
 import numpy as np
@@ -32,6 +32,7 @@ import scipy.fft
 from hyperspy.signal import BaseSignal
 from scipy import constants
 
+from stemml_core._frozen import ReadOnlyArrays
 from stemml_core.blocks import compute_map, map_pixels, navigation_map
 from stemml_core.diffraction.disks import fit_descan
 from stemml_core.io import load_4dstem
@@ -629,7 +630,7 @@ def find_scan_rotation(com, scan_step, *, vacuum=None, atomic_columns: bool = Fa
 
 
 @dataclass(frozen=True)
-class FieldResult:
+class FieldResult(ReadOnlyArrays):
     """Maps of :func:`field_map`; HyperSpy signals with the input's scan axes and no signal axis.
 
     Vectors are in the scan frame, ``(x, y)`` with x along the columns; conventions and signs
@@ -684,12 +685,6 @@ class FieldResult:
     flip: bool
     interaction_constant: float
     scan_step: tuple[float, float]
-
-    def __post_init__(self):
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, np.ndarray):
-                value.setflags(write=False)
 
     @property
     def com(self) -> np.ndarray:

@@ -10,11 +10,13 @@ looking down the beam is counter-clockwise on an ``imshow`` display; with ``ky``
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from enum import IntEnum
 from itertools import combinations
 
 import numpy as np
+
+from stemml_core._frozen import ReadOnlyArrays
 
 __all__ = ["FitStatus", "LatticeFit", "fit_basis", "index_vectors", "lattice_basis", "reduce_basis"]
 
@@ -192,7 +194,7 @@ def lattice_basis(vectors, weights=None, *, tolerance: float = 0.2, n_shortest: 
 
 
 @dataclass(frozen=True)
-class LatticeFit:
+class LatticeFit(ReadOnlyArrays):
     """Per-pattern least-squares bases from :func:`fit_basis`.
 
     Attributes
@@ -222,10 +224,6 @@ class LatticeFit:
     n_disks: np.ndarray
     status: np.ndarray
     covariance: np.ndarray
-
-    def __post_init__(self):
-        for f in fields(self):
-            getattr(self, f.name).setflags(write=False)
 
 
 def fit_basis(vectors, indices, weights, pattern, n_patterns: int) -> LatticeFit:

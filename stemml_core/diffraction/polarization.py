@@ -16,13 +16,14 @@ The field therefore marks walls, not domains, and the clustering uses the potent
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from math import pi
 
 import numpy as np
 from hyperspy.signal import BaseSignal
 from scipy import ndimage
 
+from stemml_core._frozen import ReadOnlyArrays
 from stemml_core.blocks import navigation_map
 from stemml_core.diffraction.field import FieldResult, integrate_gradient
 from stemml_core.segment import SortedKMeans
@@ -34,7 +35,7 @@ MIN_SEPARATION = 4.0
 
 
 @dataclass(frozen=True)
-class PolarizationResult:
+class PolarizationResult(ReadOnlyArrays):
     """Domains, polarization signs and walls from :func:`polarization_map`.
 
     Maps are HyperSpy signals with the input's scan axes and no signal axis; per-domain arrays
@@ -86,12 +87,6 @@ class PolarizationResult:
     midpoint: float
     separation: float
     potential_noise: float
-
-    def __post_init__(self):
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, np.ndarray):
-                value.setflags(write=False)
 
 
 def domain_walls(labels) -> np.ndarray:

@@ -27,12 +27,13 @@ component against):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 from hyperspy.signal import BaseSignal
 from scipy import ndimage
 
+from stemml_core._frozen import ReadOnlyArrays
 from stemml_core.blocks import compute_map, map_pixels, navigation_map
 from stemml_core.diffraction.disks import direct_beam, disk_radius, find_disks, fit_descan, probe_template
 from stemml_core.diffraction.lattice import FitStatus, fit_basis, index_vectors, lattice_basis
@@ -309,7 +310,7 @@ def _fit_block(
 
 
 @dataclass(frozen=True)
-class StrainResult:
+class StrainResult(ReadOnlyArrays):
     """Strain, rotation and lattice maps from :func:`strain_map`.
 
     Conventions as in the module docstring. The maps are HyperSpy signals with the input's two
@@ -397,12 +398,6 @@ class StrainResult:
     tilt_direction: BaseSignal | None = None
     tilt_chi2: BaseSignal | None = None
     tilted: BaseSignal | None = None
-
-    def __post_init__(self):
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, np.ndarray):
-                value.setflags(write=False)
 
 
 def _sample_indices(size: int) -> np.ndarray:

@@ -36,13 +36,15 @@ radians.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from math import ceil, sqrt
 from typing import NamedTuple
 
 import hyperspy.api as hs
 import numpy as np
 from scipy.special import erfc
+
+from stemml_core._frozen import ReadOnlyArrays
 
 __all__ = [
     "LATTICE_CONSTANTS",
@@ -81,7 +83,7 @@ _BILAYER_FEATURES = (
 
 
 @dataclass(frozen=True)
-class LayerStrain:
+class LayerStrain(ReadOnlyArrays):
     """Strain and rotation of the second layer of a twisted bilayer.
 
     Same conventions as :class:`StrainTruth`; strain and rotation are relative to the second
@@ -109,13 +111,9 @@ class LayerStrain:
     theta_avg: np.ndarray
     reference_basis: np.ndarray
 
-    def __post_init__(self):
-        for f in fields(self):
-            getattr(self, f.name).setflags(write=False)
-
 
 @dataclass(frozen=True)
-class StrainTruth:
+class StrainTruth(ReadOnlyArrays):
     """Ground truth of :func:`simulate_4dstem`.
 
     Conventions are those of the module docstring: ``eps = sym(F) - I`` dimensionless (0.01 =
@@ -173,12 +171,6 @@ class StrainTruth:
     second_layer: LayerStrain | None
     params: dict
     tilt: np.ndarray | None = None
-
-    def __post_init__(self):
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, np.ndarray):
-                value.setflags(write=False)
 
     def reciprocal_basis(self, *, averaged: bool = True, layer: int = 1) -> np.ndarray:
         """Local reciprocal basis ``G = F^{-T} G0`` at every scan position.

@@ -33,7 +33,7 @@ Noise-free CoM on the detector = ``truth.descan + R S truth.com``; see :class:`F
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from math import ceil, pi, sqrt
 
 import hyperspy.api as hs
@@ -42,6 +42,7 @@ import scipy.fft
 from scipy import constants
 from scipy.special import erfc
 
+from stemml_core._frozen import ReadOnlyArrays
 from stemml_core.synthetic.diffraction import LATTICE_CONSTANTS, electron_wavelength
 
 __all__ = [
@@ -59,7 +60,7 @@ _MONOLAYER_COLUMNS = (("Mo", 110.0, 0.035), ("S2", 70.0, 0.035))
 
 
 @dataclass(frozen=True)
-class FieldTruth:
+class FieldTruth(ReadOnlyArrays):
     """Ground truth of :func:`simulate_field_4dstem` and its samples.
 
     The arrays are read-only; ``(rows, cols)`` is the scan shape. Conventions as in the module
@@ -109,12 +110,6 @@ class FieldTruth:
     scan_rotation: float
     flip: bool
     params: dict
-
-    def __post_init__(self):
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, np.ndarray):
-                value.setflags(write=False)
 
     def field(self) -> np.ndarray:
         """Projected in-plane electric field ``E = -grad V`` weighted by the probe intensity.

@@ -12,11 +12,12 @@ order measured for the direct gap of MoS2 under biaxial strain (Lloyd et al., Na
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import hyperspy.api as hs
 import numpy as np
 
+from stemml_core._frozen import ReadOnlyArrays
 from stemml_core.synthetic.diffraction import StrainTruth, _gradient_from_components, simulate_4dstem
 from stemml_core.synthetic.lowloss import LowLossTruth, simulate_lowloss
 
@@ -24,7 +25,7 @@ __all__ = ["JointTruth", "strain_and_lowloss"]
 
 
 @dataclass(frozen=True)
-class JointTruth:
+class JointTruth(ReadOnlyArrays):
     """Ground truth of :func:`strain_and_lowloss`.
 
     Attributes
@@ -60,12 +61,6 @@ class JointTruth:
     strain: StrainTruth
     lowloss: LowLossTruth
     params: dict
-
-    def __post_init__(self):
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, np.ndarray):
-                value.setflags(write=False)
 
 
 def _fields(height, width, amplitude):
