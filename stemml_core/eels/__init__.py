@@ -1,7 +1,8 @@
 """Low-loss EELS analyses: ZLP removal, thickness, band gap, dielectric function, features."""
 
 from .bandgap import BandGapResult, estimate_band_gap, fit_onset, onset_curve, onset_window, resolution_from
-from .denoise import pool_spectra
+from .deconvolution import richardson_lucy
+from .denoise import Decomposition, decomposition_denoise, noise_edge, pool_spectra
 from .dielectric import DielectricResult, dielectric_function, fourier_log_deconvolution, kramers_kronig
 from .features import (FeatureFit, FeatureLabels, FeatureMap, FeatureMapResult, cluster_spectra, feature_curve,
                        find_features, label_features, map_features)
@@ -12,6 +13,7 @@ from .zlp import ZLPEnsemble
 
 __all__ = [
     "BandGapResult",
+    "Decomposition",
     "DielectricResult",
     "FeatureFit",
     "FeatureLabels",
@@ -23,6 +25,7 @@ __all__ = [
     "VacuumZLP",
     "ZLPEnsemble",
     "cluster_spectra",
+    "decomposition_denoise",
     "dielectric_function",
     "estimate_band_gap",
     "estimate_thickness",
@@ -38,9 +41,11 @@ __all__ = [
     "map_features",
     "map_gain_loss",
     "mean_free_path",
+    "noise_edge",
     "noise_variance",
     "onset_curve",
     "onset_window",
     "pool_spectra",
     "resolution_from",
+    "richardson_lucy",
 ]
