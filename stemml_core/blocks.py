@@ -15,6 +15,7 @@ The output keeps the input's navigation axes (names, units, scale, offset).
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
 import dask.array as da
@@ -53,6 +54,7 @@ def map_pixels(
     progress: bool = True,
     description: str | None = None,
     extra: dict | None = None,
+    workers: int = 1,
     **kwargs,
 ) -> BaseSignal:
     """Apply ``func`` to blocks of pixels of ``signal``.
@@ -88,6 +90,10 @@ def map_pixels(
         Further per-pixel inputs by name, each of shape ``(*nav, *rest)`` (numpy or
         dask; e.g. a noise variance per channel or a scalar map): ``func`` receives
         the rows of the block's pixels, shape ``(n, *rest)``, as keyword arguments.
+    workers : int
+        Threads that process the blocks of in-memory input side by side (for a
+        ``func`` whose numpy/scipy work releases the GIL); the result does not
+        depend on it. Lazy input runs on the active dask scheduler instead.
     **kwargs
         Passed to ``func``.
 
@@ -146,9 +152,17 @@ def map_pixels(
     flat_extra = [np.asarray(values).reshape(flat.shape[0], *values.shape[len(nav_shape):]) for values in extra.values()]
     out = np.empty((flat.shape[0], *output_shape), dtype=dtype)
     starts = range(0, flat.shape[0], block_pixels)
-    for start in tqdm(starts, desc=description, disable=not progress or len(starts) < 2, leave=False):
+
+    def one(start):
         sl = slice(start, start + block_pixels)
         out[sl] = run(flat[sl], *(values[sl] for values in flat_extra))
+
+    if int(workers) < 1:
+        raise ValueError(f"workers={workers!r}; expected a positive number of threads")
+    bar = tqdm(total=len(starts), desc=description, disable=not progress or len(starts) < 2, leave=False)
+    with bar, ThreadPoolExecutor(max_workers=max(1, min(int(workers), len(starts)))) as pool:
+        for _ in pool.map(one, starts):  # in order; an exception in a block is raised here
+            bar.update()
     return _navigation_signal(out.reshape(nav_shape + output_shape), signal, output_axes, lazy=False)
 
 

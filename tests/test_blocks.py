@@ -100,3 +100,21 @@ def test_extra_input_with_the_wrong_shape_is_reported():
     with pytest.raises(ValueError, match=r"extra input 'offset' has shape \(7, 5\); expected the navigation "
                                          r"shape \(5, 7\)"):
         map_pixels(s, weighted, extra={"weight": s.data, "offset": np.zeros((7, 5))}, progress=False)
+
+
+def test_threads_give_the_same_numbers_in_order():
+    s = _si(nav=(9, 11))
+    one = map_pixels(s, moments, output_shape=(2,), block_pixels=4, progress=False)
+    three = map_pixels(s, moments, output_shape=(2,), block_pixels=4, workers=3, progress=False)
+    np.testing.assert_array_equal(three.data, one.data)
+    with pytest.raises(ValueError, match="workers"):
+        map_pixels(s, total, workers=0, progress=False)
+
+
+def test_the_data_dtype_is_kept_on_request():
+    s = _si()
+    s.data = s.data.astype(np.float32)
+    seen = []
+    map_pixels(s, lambda block: seen.append(block.dtype) or block.sum(axis=1), input_dtype=None, progress=False)
+    map_pixels(s, lambda block: seen.append(block.dtype) or block.sum(axis=1), progress=False)
+    assert seen == [np.float32, np.float64]

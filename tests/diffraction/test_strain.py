@@ -432,7 +432,8 @@ def test_float32_and_float64_input_agree(small):
 def test_eager_lazy_and_distributed_give_the_same_maps():
     distributed = pytest.importorskip("distributed")
     signal, _ = strained_flake((12, 12), detector_shape=(96, 96), dose=1e6, random_state=1)
-    eager = strain_map(signal, progress=False)
+    eager = strain_map(signal, block_pixels=32, workers=1, progress=False)
+    threads = strain_map(signal, block_pixels=32, workers=3, progress=False)  # blocks side by side
     lazy_signal = signal.as_lazy()
     lazy_signal.data = lazy_signal.data.rechunk((5, 7, -1, -1))
     lazy = strain_map(lazy_signal, progress=False)
@@ -442,7 +443,10 @@ def test_eager_lazy_and_distributed_give_the_same_maps():
     for name in COMPONENTS + ("residual",):
         np.testing.assert_array_equal(getattr(lazy, name).data, getattr(eager, name).data)
         np.testing.assert_array_equal(getattr(on_cluster, name).data, getattr(eager, name).data)
+        np.testing.assert_array_equal(getattr(threads, name).data, getattr(eager, name).data)
     np.testing.assert_array_equal(lazy.origin, eager.origin)
+    with pytest.raises(ValueError, match="workers=0"):
+        strain_map(signal, workers=0, progress=False)
 
 
 def test_plot_strain_draws_four_maps(flake):
