@@ -1,6 +1,8 @@
 """Low-loss EELS analyses: ZLP removal, thickness, band gap, dielectric function, features."""
 
 from .bandgap import BandGapResult, estimate_band_gap, fit_onset, onset_curve, onset_window, resolution_from
+from .catalogue import (FeatureCatalogue, LowLossFeatureMaps, LowLossFeatures, feature_catalogue, identify_features,
+                        map_lowloss_features)
 from .deconvolution import richardson_lucy
 from .denoise import Decomposition, decomposition_denoise, noise_edge, pool_spectra
 from .dielectric import DielectricResult, dielectric_function, fourier_log_deconvolution, kramers_kronig
@@ -15,12 +17,15 @@ __all__ = [
     "BandGapResult",
     "Decomposition",
     "DielectricResult",
+    "FeatureCatalogue",
     "FeatureFit",
     "FeatureLabels",
     "FeatureMap",
     "FeatureMapResult",
     "GainLossFit",
     "GainLossMaps",
+    "LowLossFeatureMaps",
+    "LowLossFeatures",
     "ReplicaInterval",
     "VacuumZLP",
     "ZLPEnsemble",
@@ -29,10 +34,12 @@ __all__ = [
     "dielectric_function",
     "estimate_band_gap",
     "estimate_thickness",
+    "feature_catalogue",
     "feature_curve",
     "find_features",
     "fit_gain_loss",
     "fit_onset",
+    "identify_features",
     "fourier_log_deconvolution",
     "inelastic_replicas",
     "kramers_kronig",
@@ -40,6 +47,7 @@ __all__ = [
     "log_ratio",
     "map_features",
     "map_gain_loss",
+    "map_lowloss_features",
     "mean_free_path",
     "noise_edge",
     "noise_variance",

