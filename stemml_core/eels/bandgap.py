@@ -33,7 +33,7 @@ import numpy as np
 from dask.diagnostics import ProgressBar
 from scipy.signal import fftconvolve
 
-from .replicas import inelastic_replicas, noise_variance
+from .replicas import check_replica_input, inelastic_replicas, noise_variance
 from .thickness import PERCENTILES, ReplicaInterval
 
 __all__ = ["NAN_REASONS", "BandGapResult", "OnsetFit", "estimate_band_gap", "fit_onset", "onset_curve", "onset_window",
@@ -615,17 +615,9 @@ def estimate_band_gap(signal, model, *, window=None, resolution=None, exponents=
     from ..blocks import map_pixels
 
     check_is_fitted(model)
-    energy = signal.axes_manager.signal_axes[0].axis
-    if energy.shape != model.energy_.shape or not np.allclose(energy, model.energy_):
-        raise ValueError(
-            f"the signal's energy axis ({energy[0]:.4g} to {energy[-1]:.4g} eV, {energy.size} channels) "
-            f"differs from the model's ({model.energy_[0]:.4g} to {model.energy_[-1]:.4g} eV, "
-            f"{model.energy_.size} channels); crop the signal as for the fit"
-        )
+    energy = check_replica_input(signal, model.energy_, random_state, "estimate_band_gap", image=False)
     if not 0.0 <= min_found <= 1.0:
         raise ValueError(f"min_found={min_found}; expected a fraction between 0 and 1")
-    if not isinstance(random_state, (int, np.integer)) or isinstance(random_state, bool) or random_state < 0:
-        raise ValueError(f"random_state={random_state!r}; expected a non-negative int (it seeds every pixel's draws)")
     if resolution is not None:
         resolution = np.asarray(resolution, dtype=np.float64)
     if window is None:

@@ -19,7 +19,7 @@ from sklearn.cluster import KMeans
 
 from .features import (PROFILES, REFERENCE_ENERGIES, FeatureFit, FeatureLabels, FeatureMap, _check_energy,
                        _check_profiles, _check_window, find_features, label_features)
-from .replicas import inelastic_replicas, noise_variance
+from .replicas import check_replica_input, inelastic_replicas, noise_variance
 from .thickness import ReplicaInterval
 
 __all__ = [
@@ -554,16 +554,8 @@ def map_lowloss_features(signal, model, *, windows=None, references=None, tolera
     from ..blocks import navigation_map
 
     check_is_fitted(model)
-    if not isinstance(signal, BaseSignal) or signal.axes_manager.signal_dimension != 1 or \
-            signal.axes_manager.navigation_dimension == 0:
-        raise ValueError(f"map_lowloss_features got {type(signal).__name__}; expected an EELSSpectrum spectrum image "
-                         "(one energy axis, navigation axes)")
+    energy = check_replica_input(signal, model.energy_, random_state, "map_lowloss_features")
     am = signal.axes_manager
-    energy = np.asarray(am.signal_axes[0].axis, dtype=np.float64)
-    if energy.shape != model.energy_.shape or not np.allclose(energy, model.energy_):
-        raise ValueError(f"the signal's energy axis ({energy[0]:.4g} to {energy[-1]:.4g} eV, {energy.size} channels) "
-                         f"differs from the model's ({model.energy_[0]:.4g} to {model.energy_[-1]:.4g} eV); crop the "
-                         "signal as for the fit")
     nav_shape = tuple(am.navigation_shape[::-1])
     data = np.asarray(signal.data.compute() if signal._lazy else signal.data, dtype=np.float64).reshape(-1, energy.size)
     if not np.all(np.isfinite(data)):

@@ -56,7 +56,7 @@ from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 from sklearn.mixture import GaussianMixture
 
-from .replicas import inelastic_replicas, noise_variance
+from .replicas import check_replica_input, inelastic_replicas, noise_variance
 from .thickness import PERCENTILES, ReplicaInterval  # median, then the 68 % interval
 
 __all__ = [
@@ -1228,20 +1228,8 @@ def map_features(
     from ..blocks import compute_map, map_pixels, navigation_map
 
     check_is_fitted(model)
-    if not isinstance(signal, BaseSignal) or signal.axes_manager.signal_dimension != 1:
-        raise ValueError(f"map_features got {type(signal).__name__}; expected an EELSSpectrum (one energy axis)")
+    energy = check_replica_input(signal, model.energy_, random_state, "map_features")
     am = signal.axes_manager
-    if am.navigation_dimension == 0:
-        raise ValueError("map_features got a single spectrum; expected a spectrum image (use find_features for one)")
-    energy = np.asarray(am.signal_axes[0].axis, dtype=np.float64)
-    if energy.shape != model.energy_.shape or not np.allclose(energy, model.energy_):
-        raise ValueError(
-            f"the signal's energy axis ({energy[0]:.4g} to {energy[-1]:.4g} eV, {energy.size} channels) "
-            f"differs from the model's ({model.energy_[0]:.4g} to {model.energy_[-1]:.4g} eV, "
-            f"{model.energy_.size} channels); crop the signal as for the fit"
-        )
-    if not isinstance(random_state, (int, np.integer)) or isinstance(random_state, bool) or random_state < 0:
-        raise ValueError(f"random_state={random_state!r}; expected a non-negative int (it seeds every pixel's draws)")
     _check_options(false_alarm, max_peaks, background_order, shape)
     window, inside = _check_window(energy, window, width_range, background_order)
     if not signal._lazy and not np.all(np.isfinite(signal.data)):

@@ -39,7 +39,7 @@ from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
 from .features import _profile
-from .replicas import inelastic_replicas, noise_variance
+from .replicas import check_replica_input, inelastic_replicas, noise_variance
 from .thickness import PERCENTILES, ReplicaInterval
 from .zlp import zlp_fwhm
 
@@ -762,19 +762,8 @@ def map_gain_loss(
     from ..blocks import compute_map, map_pixels, navigation_map
 
     check_is_fitted(zlp, "reference_")
-    if not isinstance(signal, BaseSignal) or signal.axes_manager.signal_dimension != 1:
-        raise ValueError(f"map_gain_loss got {type(signal).__name__}; expected an EELSSpectrum (one energy axis)")
+    energy = check_replica_input(signal, zlp.energy_, random_state, "map_gain_loss")
     am = signal.axes_manager
-    if am.navigation_dimension == 0:
-        raise ValueError("map_gain_loss got a single spectrum; expected a spectrum image (use fit_gain_loss for one)")
-    energy = np.asarray(am.signal_axes[0].axis, dtype=np.float64)
-    if energy.shape != zlp.energy_.shape or not np.allclose(energy, zlp.energy_):
-        raise ValueError(
-            f"the signal's energy axis ({energy[0]:.4g} to {energy[-1]:.4g} eV, {energy.size} channels) differs "
-            f"from the ZLP model's ({zlp.energy_[0]:.4g} to {zlp.energy_[-1]:.4g} eV, {zlp.energy_.size} channels)"
-        )
-    if not isinstance(random_state, (int, np.integer)) or isinstance(random_state, bool) or random_state < 0:
-        raise ValueError(f"random_state={random_state!r}; expected a non-negative int (it seeds every pixel's draws)")
     (_, hi), _ = _check_window(energy, window, background_order if isinstance(background_order, int) else 0)
     # the replicas cover -hi..hi in one piece (a uniform axis); fit_gain_loss picks the window from it
     inside = np.abs(energy) <= hi + 0.5 * (energy[1] - energy[0])

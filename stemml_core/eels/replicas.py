@@ -16,6 +16,33 @@ import numpy as np
 __all__ = ["inelastic_replicas", "noise_variance"]
 
 
+def check_replica_input(signal, model_energy, random_state, caller: str, *, image: bool = True) -> np.ndarray:
+    """The checks every replica analysis of a spectrum image makes first; returns the energy axis, eV.
+
+    ``signal`` must be a HyperSpy signal with one energy axis (and navigation axes when ``image``)
+    equal to ``model_energy``, the axis the ZLP model was fitted on, and ``random_state`` a
+    non-negative int (it seeds every pixel's noise draws). ``caller`` names the function in the
+    messages.
+    """
+    from hyperspy.signal import BaseSignal
+
+    if not isinstance(signal, BaseSignal) or signal.axes_manager.signal_dimension != 1:
+        raise ValueError(f"{caller} got {type(signal).__name__}; expected an EELSSpectrum (one energy axis)")
+    if image and signal.axes_manager.navigation_dimension == 0:
+        raise ValueError(f"{caller} got a single spectrum; expected a spectrum image (navigation axes)")
+    energy = np.asarray(signal.axes_manager.signal_axes[0].axis, dtype=np.float64)
+    model_energy = np.asarray(model_energy, dtype=np.float64)
+    if energy.shape != model_energy.shape or not np.allclose(energy, model_energy):
+        raise ValueError(
+            f"the signal's energy axis ({energy[0]:.4g} to {energy[-1]:.4g} eV, {energy.size} channels) "
+            f"differs from the model's ({model_energy[0]:.4g} to {model_energy[-1]:.4g} eV, "
+            f"{model_energy.size} channels); crop the signal as for the fit"
+        )
+    if not isinstance(random_state, (int, np.integer)) or isinstance(random_state, bool) or random_state < 0:
+        raise ValueError(f"random_state={random_state!r}; expected a non-negative int (it seeds every pixel's draws)")
+    return energy
+
+
 def noise_variance(signal):
     """The per-channel noise variance of a signal's counts, counts² (numpy or dask, the data's shape).
 

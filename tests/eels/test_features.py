@@ -787,5 +787,5 @@ def test_lowloss_feature_maps_of_a_spectrum_image(ribbon, ribbon_maps):
     assert maps.clusters.data.shape == a.data.shape
     with pytest.raises(ValueError, match="differs from the model's"):
         map_lowloss_features(signal.isig[:-1], model)
-    with pytest.raises(ValueError, match="expected an EELSSpectrum spectrum image"):
+    with pytest.raises(ValueError, match="single spectrum; expected a spectrum image"):
         map_lowloss_features(signal.inav[0, 0], model)
