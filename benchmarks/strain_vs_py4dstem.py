@@ -372,7 +372,8 @@ def main(argv=None):
 
         for workers in (1, None):  # one thread, as the peers run, then one per core (strain_map's default)
             maps, timings = run_stemml(signal, reference, args.repeats, log, workers)
-            entry["rows"][f"stemml strain_map ({timings['threads']} thr)"] = {
+            label = "1 thr" if workers == 1 else f"default, {timings['threads']} thr"
+            entry["rows"][f"stemml strain_map ({label})"] = {
                 "timings": timings, "score": score(maps, truth_maps, crystal)}
 
         directory = os.path.join(workdir, f"dose_{dose:g}")

@@ -24,7 +24,14 @@ import numpy as np
 from hyperspy.signal import BaseSignal
 from tqdm import tqdm  # text bars: no widget JavaScript in notebooks and the offline book
 
-__all__ = ["compute_map", "map_pixels", "navigation_map"]
+__all__ = ["check_workers", "compute_map", "map_pixels", "navigation_map"]
+
+
+def check_workers(workers) -> int:
+    """``workers`` as a positive int, or a ValueError naming what was expected."""
+    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise ValueError(f"workers={workers!r}; expected a positive number of threads")
+    return int(workers)
 
 
 def _navigation_signal(data, source: BaseSignal, signal_axes: Sequence[dict], lazy: bool) -> BaseSignal:
@@ -103,6 +110,7 @@ def map_pixels(
         ``nav`` navigation axes copied from ``signal`` plus the output signal
         axes; lazy when ``signal`` or an ``extra`` input is lazy.
     """
+    workers = check_workers(workers)
     am = signal.axes_manager
     nav_shape = tuple(am.navigation_shape[::-1])
     sig_shape = tuple(am.signal_shape[::-1])
@@ -157,10 +165,8 @@ def map_pixels(
         sl = slice(start, start + block_pixels)
         out[sl] = run(flat[sl], *(values[sl] for values in flat_extra))
 
-    if int(workers) < 1:
-        raise ValueError(f"workers={workers!r}; expected a positive number of threads")
     bar = tqdm(total=len(starts), desc=description, disable=not progress or len(starts) < 2, leave=False)
-    with bar, ThreadPoolExecutor(max_workers=max(1, min(int(workers), len(starts)))) as pool:
+    with bar, ThreadPoolExecutor(max_workers=max(1, min(workers, len(starts)))) as pool:
         for _ in pool.map(one, starts):  # in order; an exception in a block is raised here
             bar.update()
     return _navigation_signal(out.reshape(nav_shape + output_shape), signal, output_axes, lazy=False)

@@ -657,7 +657,7 @@ def _mean_pattern_bases(mean, template, to_detector, twist, *, min_snr, min_rela
 
 def _bilayer_block(patterns, *, template, bases_px, indices, radius_px, to_scan, pixel_size, min_snr, min_relative,
                    n_iterations):
-    """Joint fit of a block of patterns (n, H, W): (n, 17) per-pattern numbers (see _N_OUTPUTS)."""
+    """Joint fit of a block of patterns (n, H, W): (n, _N_OUTPUTS) per-pattern numbers."""
     n = len(patterns)
     beam = direct_beam(patterns, radius_px)
     found = np.isfinite(beam.origin).all(axis=1)

@@ -35,7 +35,7 @@ from hyperspy.signal import BaseSignal
 from scipy import ndimage
 
 from stemml_core._frozen import ReadOnlyArrays
-from stemml_core.blocks import compute_map, map_pixels, navigation_map
+from stemml_core.blocks import check_workers, compute_map, map_pixels, navigation_map
 from stemml_core.diffraction.disks import direct_beam, disk_radius, find_disks, fit_descan, probe_template
 from stemml_core.diffraction.lattice import FitStatus, fit_basis, index_vectors, lattice_basis
 from stemml_core.io import InputError, load_4dstem
@@ -407,9 +407,7 @@ def _workers(workers, device: str) -> int:
         if device != "cpu":
             return 1
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1:
-        raise ValueError(f"workers={workers!r}; expected a positive number of threads or None")
-    return int(workers)
+    return check_workers(workers)
 
 
 def _sample_indices(size: int) -> np.ndarray:

@@ -81,8 +81,8 @@ class LowLossFeatures:
         Significant peaks of each pixel.
     windows : tuple
         The windows searched, ``(low, high, smallest FWHM, largest FWHM, background order, profiles,
-        most peaks)`` (eV; None where the defaults of :func:`identify_features` apply), after
-        cropping to the energy axis.
+        most peaks, model error)`` (eV; None where the defaults of :func:`identify_features` apply),
+        after cropping to the energy axis.
     thresholds : tuple of float
         Detection threshold of each window, standard deviations.
     """
@@ -106,9 +106,10 @@ def _windows_on_axis(energy, windows):
     out = []
     for spec in LOWLOSS_WINDOWS if default else windows:
         try:
-            values = [float(v) for v in spec[:5]]
-            if len(values) not in (4, 5) or len(spec) > 8:
+            values = [float(v) for v in spec[:4]]
+            if len(values) != 4 or len(spec) > 8:
                 raise ValueError
+            order = int(spec[4]) if len(spec) >= 5 and spec[4] is not None else None
             kinds = _check_profiles(spec[5], "aic") if len(spec) >= 6 and spec[5] is not None else None
             most = int(spec[6]) if len(spec) >= 7 and spec[6] is not None else None
             error = float(spec[7]) if len(spec) == 8 and spec[7] is not None else None
@@ -117,8 +118,7 @@ def _windows_on_axis(energy, windows):
         except (TypeError, ValueError):
             raise ValueError(f"window {spec!r}; expected (low eV, high eV, smallest FWHM eV, largest FWHM eV[, "
                              "background order[, profiles[, most peaks >= 1[, model error >= 0]]]])") from None
-        lo, hi, w_lo, w_hi = values[:4]
-        order = int(values[4]) if len(values) >= 5 else None
+        lo, hi, w_lo, w_hi = values
         if default:
             lo, hi = max(lo, float(energy[0])), min(hi, float(energy[-1]))
             if hi - lo < 2 * w_lo * 4 or hi <= lo:
@@ -128,8 +128,13 @@ def _windows_on_axis(energy, windows):
     if not out:
         raise ValueError(f"no window of {LOWLOSS_WINDOWS} lies on the energy axis [{energy[0]:.4g}, {energy[-1]:.4g}] "
                          "eV; pass windows=")
-    order = np.argsort([w[0] for w in out])
-    return tuple(out[i] for i in order)
+    out = [out[i] for i in np.argsort([w[0] for w in out])]
+    for first, second in zip(out[:-1], out[1:]):
+        if second[1] <= first[1] or second[0] == first[0]:
+            raise ValueError(f"windows {first[:2]} and {second[:2]} eV are nested; expected windows whose low and "
+                             "high edges both increase (neighbours may overlap: each owns the energies up to the "
+                             "middle of the overlap)")
+    return tuple(out)
 
 
 def identify_features(

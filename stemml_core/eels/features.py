@@ -561,7 +561,9 @@ def find_features(
         None: every peak keeps ``shape``.
     criterion : {"aic", "bic"}
         Information criterion of the model choice: chi^2 + 2 p (Akaike) or chi^2 + p ln n (Bayesian)
-        for p parameters and n channels.
+        for p parameters and n channels. The three profiles have three parameters each, so the two
+        rank the candidates alike (and the choice is by chi^2) until a profile with another number of
+        parameters joins them.
 
     Returns
     -------

@@ -149,7 +149,7 @@ class VacuumZLP(BaseEstimator):
                              "its bootstrap replicas)")
         if not np.all(np.isfinite(spectra)):
             raise ValueError("the vacuum spectra contain NaN or infinite counts; expected finite counts")
-        if not isinstance(self.n_replicas, (int, np.integer)) or self.n_replicas < 2:
+        if self.ensemble is None and (not isinstance(self.n_replicas, (int, np.integer)) or self.n_replicas < 2):
             raise ValueError(f"n_replicas={self.n_replicas!r}; expected an int >= 2")
         median = np.median(spectra, axis=0)
         if abs(energy[np.argmax(median)]) > 0.5 * (energy[-1] - energy[0]) or energy[0] >= 0 or energy[-1] <= 0:
@@ -205,7 +205,12 @@ class VacuumZLP(BaseEstimator):
         flat = spectra.reshape(-1, self.energy_.size)
         ref = self.reference_[:, self.core_]  # (m, n_core)
         scale = (flat[:, self.core_] @ ref.T) / np.sum(ref**2, axis=1)  # (n, m)
-        selected = self.reference_ if channels is None else self.reference_[:, np.asarray(channels, dtype=bool)]
+        if channels is not None:
+            channels = np.asarray(channels)
+            if channels.dtype != bool or channels.shape != (self.energy_.size,):
+                raise ValueError(f"channels is a {channels.dtype} array of shape {channels.shape}; expected a bool "
+                                 f"mask of the {self.energy_.size} channels")
+        selected = self.reference_ if channels is None else self.reference_[:, channels]
         out = scale.T[:, :, None] * selected[:, None, :]
         return out.reshape(out.shape[0], *spectra.shape[:-1], out.shape[-1])
 
@@ -636,10 +641,11 @@ def _derived(fits, layout, step, *, gain_found):
 
 @dataclass(frozen=True)
 class GainLossMaps:
-    """Result of :func:`map_gain_loss`: Signal2D maps with the input's navigation calibration.
+    """Result of :func:`map_gain_loss`: maps whose axes are the input's navigation axes (a Signal2D for a
+    scan, a Signal1D for a line scan), with their calibration.
 
     Every quantity is a :class:`~stemml_core.eels.thickness.ReplicaInterval` (median, 16th and 84th
-    percentile over the replicas, each a Signal2D); NaN where no significant loss peak was found (the
+    percentile over the replicas, each such a map); NaN where no significant loss peak was found (the
     gain energy, the mean energy and the temperature also where no significant gain peak was).
 
     Attributes

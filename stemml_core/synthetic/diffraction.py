@@ -780,7 +780,7 @@ def simulate_4dstem(
     thickness ``t`` with its side lobes left out, and ``s_g^0`` the excitation error on the
     zone axis (untilted patterns are unchanged); each layer's disks are then rescaled to their
     former total. As ``g . tau`` changes sign from ``g`` to ``-g``, Friedel pairs become
-    unequal: an intensity dipole along ``tau`` (at 5 mrad and 10 nm the first-order pair of
+    unequal: the brighter member is the one with ``g . tau < 0``, an intensity dipole along ``-tau`` (at 5 mrad and 10 nm the first-order pair of
     MoS2 differs by about a factor 2). Dynamical scattering, absorption and the
     three-fold ``asymmetry`` are not coupled to it. (2) Projection: the lattice is seen
     foreshortened by ``cos phi`` along ``tau``, i.e. the rendered basis is ``P^-1 G`` with

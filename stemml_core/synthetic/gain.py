@@ -232,7 +232,8 @@ def simulate_gain_loss(
     step = settings["dispersion"]
     # R * L on a fine grid of lags, then interpolated at E -+ Ev (unit area, 1/eV).
     half = (last - first) + reach + _KERNEL_MARGIN
-    fine = np.arange(-half, half + 1e-12, step / _OVERSAMPLE)
+    fine_step = step / _OVERSAMPLE
+    fine = fine_step * np.arange(-math.ceil(half / fine_step), math.ceil(half / fine_step) + 1)  # symmetric about 0
     resolution = _zero_loss_peak(fine, settings["zlp_fwhm"], settings["zlp_tail"])
     gamma = settings["line_width"]
     line = (gamma / (2.0 * np.pi)) / (fine**2 + (gamma / 2.0) ** 2)

@@ -692,6 +692,8 @@ def test_match_features_pairs_found_and_planted_peaks():
      r"expected \(low eV, high eV, smallest FWHM eV, largest FWHM eV"),
     (lambda: identify_features(np.ones((2, 3, WIDE.size)), WIDE, windows=[(1.0, 2.0, 0.1, 0.5, 3, None, 4, -0.1)]),
      r"\[, model error >= 0\]"),
+    (lambda: identify_features(np.ones((2, 3, WIDE.size)), WIDE, windows=[(0.6, 20.0, 0.1, 2.0), (1.0, 2.0, 0.1, 0.5)]),
+     r"windows \(0.6, 20.0\) and \(1.0, 2.0\) eV are nested"),
     (lambda: identify_features(np.ones((2, 3, WIDE.size)), WIDE, windows=[(40.0, 50.0, 1.0, 5.0)]),
      r"window=\(40, 50\) eV is not an increasing range inside the energy axis"),
     (lambda: feature_catalogue(np.ones(3)), r"expected the LowLossFeatures of identify_features"),
@@ -790,3 +792,9 @@ def test_lowloss_feature_maps_of_a_spectrum_image(ribbon, ribbon_maps):
         map_lowloss_features(signal.isig[:-1], model)
     with pytest.raises(ValueError, match="single spectrum; expected a spectrum image"):
         map_lowloss_features(signal.inav[0, 0], model)
+
+
+def test_a_window_may_leave_its_order_to_the_default():
+    found = identify_features(np.ones((2, 3, WIDE.size)) * 100.0, WIDE, windows=[(1.0, 3.0, 0.1, 0.5, None)],
+                              background_order=2)
+    assert found.windows[0][4] is None and found.n_peaks.tolist() == [0, 0, 0]
