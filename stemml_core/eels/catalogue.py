@@ -17,6 +17,7 @@ import numpy as np
 from hyperspy.signal import BaseSignal
 from sklearn.cluster import KMeans
 
+from .dielectric import angular_factor
 from .features import (PROFILES, REFERENCE_ENERGIES, FeatureFit, FeatureLabels, FeatureMap, _check_energy,
                        _check_profiles, _check_window, find_features, label_features)
 from .replicas import check_replica_input, inelastic_replicas, noise_variance
@@ -52,7 +53,6 @@ __all__ = [
 LOWLOSS_WINDOWS = ((0.4, 1.4, 0.05, 0.5, 4, PROFILES, 6, None), (1.3, 4.5, 0.05, 1.0, 4, PROFILES, 6, None),
                    (4.0, 11.0, 0.3, 3.0, 4, PROFILES, 4, None),
                    (10.0, 30.0, 1.0, 8.0, 3, ("drude", "gaussian"), 4, 0.02))
-_M0C2_EV = 510998.95  # electron rest energy, eV
 # Channels per smallest FWHM of a window below which its channels are summed (binned) for speed.
 _CHANNELS_PER_WIDTH = 6
 
@@ -250,9 +250,7 @@ def identify_features(
             beam = beta = float("nan")
         if not (beam > 0 and beta > 0):
             raise ValueError(f"angular={angular!r}; expected (beam energy keV > 0, collection semi-angle mrad > 0)")
-        gamma = 1.0 + beam * 1e3 / _M0C2_EV
-        gamma_m0v2 = gamma * _M0C2_EV * (1.0 - 1.0 / gamma**2)
-        weight = np.log1p((beta * 1e-3 * gamma_m0v2 / np.maximum(energy, 1e-3)) ** 2)
+        weight = angular_factor(np.maximum(energy, 1e-3), beam, beta)
     spans = _windows_on_axis(energy, windows)
     bounds = [spans[0][0]] + [(spans[i][1] + spans[i + 1][0]) / 2 for i in range(len(spans) - 1)] + [spans[-1][1]]
     columns = {key: [] for key in ("energy", "width", "amplitude", "significance", "profile", "evidence", "window")}

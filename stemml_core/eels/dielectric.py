@@ -306,9 +306,8 @@ def kramers_kronig(
     dispersion = energy[1] - energy[0]
     positive = energy > dispersion / 2.0
     e = energy[positive]
-    gamma = 1.0 + beam_energy * 1e3 / _M0C2_EV
-    m0v2 = _M0C2_EV * (1.0 - 1.0 / gamma**2)  # eV
-    angular = np.log1p((collection_angle * 1e-3 * gamma * m0v2 / e) ** 2)
+    m0v2 = _M0C2_EV * (1.0 - 1.0 / (1.0 + beam_energy * 1e3 / _M0C2_EV) ** 2)  # eV, for the thickness norm
+    angular = angular_factor(e, beam_energy, collection_angle)
     loss = ssd[..., positive] / (dispersion * angular)  # K Im[-1/eps]
     e_end = e[-1] + dispersion / 2.0
     # Without a tail A = 0; r = 2 then only keeps the tail terms finite.
@@ -341,6 +340,15 @@ def kramers_kronig(
     eps = np.full(loss.shape[:-1] + (energy.size,), np.nan + 1j * np.nan)
     eps[..., positive] = (real_inverse + 1j * loss) / (real_inverse**2 + loss**2)
     return np.moveaxis(eps, -1, axis)
+
+
+def angular_factor(energy, beam_energy, collection_angle):
+    """``ln(1 + (beta / theta_E)^2)`` with ``theta_E = E / (gamma m0 v^2)`` (Egerton eq. 4.26): the share of
+    single scattering at loss ``energy`` (eV, > 0) that a collection semi-angle ``beta``
+    (``collection_angle``, mrad) takes in at ``beam_energy`` (keV); dimensionless."""
+    gamma = 1.0 + beam_energy * 1e3 / _M0C2_EV
+    gamma_m0v2 = gamma * _M0C2_EV * (1.0 - 1.0 / gamma**2)  # eV
+    return np.log1p((collection_angle * 1e-3 * gamma_m0v2 / np.asarray(energy, dtype=np.float64)) ** 2)
 
 
 def _principal_value(loss, e, dispersion):

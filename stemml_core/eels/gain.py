@@ -33,12 +33,13 @@ from dataclasses import dataclass
 
 import numpy as np
 from hyperspy.signal import BaseSignal
+from scipy import constants
 from scipy.ndimage import uniform_filter1d
 from scipy.optimize import least_squares
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
-from .features import _profile
+from .features import _check_energy, _profile
 from .replicas import check_replica_input, inelastic_replicas, noise_variance
 from .thickness import PERCENTILES, ReplicaInterval
 from .zlp import zlp_fwhm
@@ -53,7 +54,7 @@ __all__ = [
 ]
 
 #: Boltzmann constant, eV/K.
-BOLTZMANN_EV = 8.617333262e-5
+BOLTZMANN_EV = constants.physical_constants["Boltzmann constant in eV/K"][0]
 _SHAPES = ("pseudo_voigt", "lorentzian", "gaussian")
 # Area of a unit-height, unit-FWHM Gaussian and Lorentzian.
 _GAUSS_AREA = 0.5 * math.sqrt(math.pi / math.log(2.0))
@@ -235,15 +236,6 @@ def _spectra_and_energy(X, energy):
     return data, _check_energy(energy)
 
 
-def _check_energy(energy):
-    if energy.size < 3 or not np.all(np.isfinite(energy)):
-        raise ValueError(f"energy has shape {energy.shape}; expected at least 3 finite energies (eV)")
-    step = np.diff(energy)
-    if not np.all(step > 0) or np.ptp(step) > 1e-3 * step.mean():
-        raise ValueError("energy is not uniform and increasing; expected channel centres (eV) with one dispersion")
-    return energy
-
-
 # --------------------------------------------------------------------------
 # The peak-pair model
 # --------------------------------------------------------------------------
@@ -282,30 +274,28 @@ def _layout(n_background, shape, tie_shape):
     return _Layout(n_background, centre, width, eta, height, 1.0 if shape == "lorentzian" else 0.0, size)
 
 
-def _model(params, energy, sides, basis, layout):
-    """Model (n_w,) and Jacobian (n_w, n_params) of background + gain peak + loss peak (``sides``: 0 gain, 1 loss
-    channel, for the background; both peaks count on both sides)."""
+def _model(params, energy, basis, layout):
+    """Model (n_w,) and Jacobian (n_w, n_params) of background (``basis``: one polynomial per side of the
+    ZLP) + gain peak + loss peak (both peaks count on both sides)."""
     model = basis @ params[: layout.n_background]
     jac = np.zeros((energy.size, params.size))
     jac[:, : layout.n_background] = basis
     for side in (0, 1):  # each peak on both sides: a Lorentzian tail reaches across the ZLP
-        rows = slice(None)
-        e = energy
         c, w, h = params[layout.centre[side]], params[layout.width[side]], params[layout.height[side]]
         eta = layout.fixed_eta if layout.eta[side] is None else params[layout.eta[side]]
-        g, g_c, g_w = _profile(e, c, w, "gaussian")
-        lo, l_c, l_w = _profile(e, c, w, "lorentzian")
+        g, g_c, g_w = _profile(energy, c, w, "gaussian")
+        lo, l_c, l_w = _profile(energy, c, w, "lorentzian")
         profile = (1.0 - eta) * g + eta * lo
-        model[rows] += h * profile
-        jac[rows, layout.centre[side]] += h * ((1.0 - eta) * g_c + eta * l_c)
-        jac[rows, layout.width[side]] += h * ((1.0 - eta) * g_w + eta * l_w)
+        model += h * profile
+        jac[:, layout.centre[side]] += h * ((1.0 - eta) * g_c + eta * l_c)
+        jac[:, layout.width[side]] += h * ((1.0 - eta) * g_w + eta * l_w)
         if layout.eta[side] is not None:
-            jac[rows, layout.eta[side]] += h * (lo - g)
-        jac[rows, layout.height[side]] += profile
+            jac[:, layout.eta[side]] += h * (lo - g)
+        jac[:, layout.height[side]] += profile
     return model, jac
 
 
-def _solve(y, inv_sigma, energy, sides, basis, layout, x0, low, high, free):
+def _solve(y, inv_sigma, energy, basis, layout, x0, low, high, free):
     """Weighted least squares over the free parameters; (params, chi2), NaN params if it fails."""
     x0 = np.clip(x0, low, high)
     fixed = x0.copy()
@@ -316,10 +306,10 @@ def _solve(y, inv_sigma, energy, sides, basis, layout, x0, low, high, free):
         return x
 
     def residual(p):
-        return (_model(full(p), energy, sides, basis, layout)[0] - y) * inv_sigma
+        return (_model(full(p), energy, basis, layout)[0] - y) * inv_sigma
 
     def jacobian(p):
-        return _model(full(p), energy, sides, basis, layout)[1][:, free] * inv_sigma[:, None]
+        return _model(full(p), energy, basis, layout)[1][:, free] * inv_sigma[:, None]
 
     fit = least_squares(residual, x0[free], jac=jacobian, bounds=(low[free], high[free]), method="trf",
                         x_scale="jac")
@@ -568,7 +558,7 @@ def fit_gain_loss(
     out = {name: np.full((len(PERCENTILES), n), np.nan) for name in _QUANTITIES}
     significance = np.full((n, 2), np.nan)
     for p in range(n):
-        args = (median[p], inv_sigma[p], e, sides, basis, layout)
+        args = (median[p], inv_sigma[p], e, basis, layout)
         best, best_chi2 = None, np.inf
         loss_side, gain_side = np.flatnonzero(sides == 1), np.flatnonzero(sides == 0)
         loss_start = e[loss_side[np.argmax(median[p, loss_side])]]
@@ -603,7 +593,7 @@ def fit_gain_loss(
         if not significance[p, 1] >= min_significance:
             continue
         if n_rep > 1:
-            fits = np.array([_solve(y[m, p], inv_sigma[p], e, sides, basis, layout, best, low, high, free_all)[0]
+            fits = np.array([_solve(y[m, p], inv_sigma[p], e, basis, layout, best, low, high, free_all)[0]
                              for m in range(n_rep)])
         else:
             fits = best[None]
