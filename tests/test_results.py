@@ -117,3 +117,21 @@ def test_bad_entries(tmp_path, source, maps, scalars, match):
         results.write(tmp_path / "out", analysis="demo", input_provenance=source, parameters={},
                       maps=maps, scalars=scalars)
     assert not (tmp_path / "out").exists()
+
+
+def test_result_arrays_are_read_only_views_and_inputs_stay_writeable():
+    from dataclasses import dataclass
+
+    from stemml_core._frozen import ReadOnlyArrays
+
+    @dataclass(frozen=True)
+    class Result(ReadOnlyArrays):
+        values: np.ndarray
+        label: str
+
+    given = np.zeros(3)
+    result = Result(given, "x")
+    with pytest.raises(ValueError, match="read-only"):
+        result.values[0] = 1.0
+    given[0] = 2.0  # the caller's array is not frozen with it
+    assert result.values[0] == 2.0 and given.flags.writeable
