@@ -577,9 +577,11 @@ def map_lowloss_features(signal, model, *, windows=None, references=None, tolera
                           dtype=np.float64).reshape(data.shape)
     inside = energy > 0.0
     pixel = np.arange(data.shape[0])
-    replicas = inelastic_replicas(data, model, energy, inside, variance=variance if noise else None, pixel=pixel,
+    # the replicas carry the counting noise as draws when there are several; a single replica gets none
+    # and the noise enters as noise_variance instead (never both)
+    carried = noise and int(np.sum(model.kept_)) > 1
+    replicas = inelastic_replicas(data, model, energy, inside, variance=variance if carried else None, pixel=pixel,
                                   random_state=random_state)
-    carried = noise and replicas.shape[0] > 1
     if replicas.shape[0] < 2 and not noise:
         raise ValueError(f"the model has {replicas.shape[0]} replica and noise=False: the significance needs a replica "
                          "band; expected a ZLPEnsemble with at least two kept replicas, or noise=True")
