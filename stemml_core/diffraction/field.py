@@ -25,7 +25,7 @@ Conventions (shared with :mod:`stemml_core.synthetic.field`, which the tests che
 from __future__ import annotations
 
 from dataclasses import dataclass
-from math import pi, sqrt
+from math import pi
 
 import numpy as np
 import scipy.fft
@@ -33,6 +33,7 @@ from hyperspy.signal import BaseSignal
 from scipy import constants
 
 from stemml_core._frozen import ReadOnlyArrays
+from stemml_core.electrons import interaction_constant
 from stemml_core.blocks import compute_map, map_pixels, navigation_map
 from stemml_core.diffraction.disks import fit_descan
 from stemml_core.io import load_4dstem
@@ -62,39 +63,6 @@ MIN_VACUUM_CONTRAST = 0.25
 
 _CHARGE_PER_FIELD = constants.epsilon_0 / constants.e * 1e-9  # e / (V nm): rho [e/nm^2] per div E [V/nm^2]
 _N_OUTPUTS = 7  # per pattern: CoM (kx, ky), its standard error (kx, ky), DPC (kx, ky), total intensity
-
-
-def interaction_constant(beam_energy: float) -> float:
-    """Interaction constant ``sigma = 2 pi m e lambda / h^2`` (relativistic ``m`` and ``lambda``).
-
-    Parameters
-    ----------
-    beam_energy : float
-        keV.
-
-    Returns
-    -------
-    float
-        rad / (V nm): a projected potential ``V`` (V nm) shifts the electron's phase by
-        ``sigma V``.
-
-    Raises
-    ------
-    ValueError
-        A beam energy that is not a positive number.
-
-    Examples
-    --------
-    >>> round(interaction_constant(200.0), 6)  # rad / (V nm)
-    0.007288
-    """
-    if not np.isfinite(beam_energy) or beam_energy <= 0:
-        raise ValueError(f"beam_energy={beam_energy!r} keV; expected a positive number such as 200.0.")
-    energy = beam_energy * 1e3 * constants.e  # J
-    rest = constants.m_e * constants.c**2
-    momentum = sqrt(energy * (energy + 2 * rest)) / constants.c
-    mass = constants.m_e + energy / constants.c**2
-    return 2 * pi * mass * constants.e * (constants.h / momentum) / constants.h**2 * 1e-9
 
 
 def _as_patterns(patterns) -> np.ndarray:

@@ -45,6 +45,7 @@ import numpy as np
 from scipy.special import erfc
 
 from stemml_core._frozen import ReadOnlyArrays
+from stemml_core.electrons import electron_wavelength
 
 __all__ = [
     "LATTICE_CONSTANTS",
@@ -60,10 +61,6 @@ __all__ = [
 LATTICE_CONSTANTS = {"MoS2": 0.316, "WS2": 0.315}
 """In-plane lattice constants ``a`` of the 2H crystals, nm."""
 
-_PLANCK = 6.62607015e-34  # J s
-_ELECTRON_MASS = 9.1093837015e-31  # kg
-_ELEMENTARY_CHARGE = 1.602176634e-19  # C
-_SPEED_OF_LIGHT = 299792458.0  # m/s
 
 # Strained flake: Gaussian features of the displacement gradient, centres as fractions of the
 # scan's (x, y) field of view, width as a fraction of the smaller field-of-view side.
@@ -253,35 +250,6 @@ class StrainTruth(ReadOnlyArrays):
             f"layer={layer!r} does not exist; expected 1"
             + (" or 2." if self.second_layer is not None else " (this truth has a single layer).")
         )
-
-
-def electron_wavelength(beam_energy: float) -> float:
-    """Relativistic electron wavelength.
-
-    Parameters
-    ----------
-    beam_energy : float
-        Beam energy (accelerating voltage times e), keV.
-
-    Returns
-    -------
-    float
-        Wavelength, nm.
-
-    Notes
-    -----
-    ``lambda = h / sqrt(2 m0 e V (1 + e V / (2 m0 c^2)))``.
-
-    Examples
-    --------
-    >>> round(electron_wavelength(200.0) * 1e3, 4)  # pm
-    2.5079
-    """
-    if not np.isfinite(beam_energy) or beam_energy <= 0:
-        raise ValueError(f"beam_energy={beam_energy!r} keV; expected a positive number such as 200.0.")
-    energy = beam_energy * 1e3 * _ELEMENTARY_CHARGE  # J
-    momentum = sqrt(2 * _ELECTRON_MASS * energy * (1 + energy / (2 * _ELECTRON_MASS * _SPEED_OF_LIGHT**2)))
-    return _PLANCK / momentum * 1e9
 
 
 def _rotation(angle: float) -> np.ndarray:

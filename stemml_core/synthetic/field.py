@@ -39,11 +39,11 @@ from math import ceil, pi, sqrt
 import hyperspy.api as hs
 import numpy as np
 import scipy.fft
-from scipy import constants
 from scipy.special import erfc
 
 from stemml_core._frozen import ReadOnlyArrays
-from stemml_core.synthetic.diffraction import LATTICE_CONSTANTS, electron_wavelength
+from stemml_core.electrons import electron_wavelength, interaction_constant
+from stemml_core.synthetic.diffraction import LATTICE_CONSTANTS, _positive, _shape
 
 __all__ = [
     "FieldTruth",
@@ -133,34 +133,6 @@ class FieldTruth(ReadOnlyArrays):
         return self.descan + self.com @ _scan_to_detector(self.scan_rotation, self.flip).T
 
 
-def interaction_constant(beam_energy: float) -> float:
-    """Interaction constant ``sigma`` of the phase-object approximation.
-
-    Parameters
-    ----------
-    beam_energy : float
-        keV.
-
-    Returns
-    -------
-    float
-        rad / (V nm): a projected potential ``V`` (V nm) shifts the phase by ``sigma V``.
-
-    Notes
-    -----
-    ``sigma = 2 pi m e lambda / h^2`` with the relativistic mass ``m = m0 + e U / c^2`` and
-    wavelength (Kirkland, *Advanced Computing in Electron Microscopy*, eq. 5.6).
-
-    Examples
-    --------
-    >>> round(interaction_constant(200.0), 6)  # 7.29e-4 rad / (V A)
-    0.007288
-    """
-    wavelength = electron_wavelength(beam_energy) * 1e-9  # m
-    mass = constants.m_e + beam_energy * 1e3 * constants.e / constants.c**2
-    return 2 * pi * mass * constants.e * wavelength / constants.h**2 * 1e-9
-
-
 def _rotation(angle_deg: float) -> np.ndarray:
     c, s = np.cos(np.deg2rad(angle_deg)), np.sin(np.deg2rad(angle_deg))
     return np.array([[c, s], [-s, c]])
@@ -169,17 +141,6 @@ def _rotation(angle_deg: float) -> np.ndarray:
 def _scan_to_detector(scan_rotation: float, flip: bool) -> np.ndarray:
     """``Q = R(scan_rotation) S`` acting on ``(x, y)`` columns."""
     return _rotation(scan_rotation) @ np.diag([1.0, -1.0 if flip else 1.0])
-
-
-def _positive(name, value, unit):
-    if not np.isfinite(value) or value <= 0:
-        raise ValueError(f"{name}={value!r}{unit}; expected a positive number.")
-
-
-def _shape(value, name, meaning) -> tuple[int, int]:
-    if len(value) != 2 or not all(int(n) == n and n > 0 for n in value):
-        raise ValueError(f"{name}={value!r}; expected two positive integers {meaning}.")
-    return tuple(int(n) for n in value)
 
 
 def _descan_shift(descan, scan_shape) -> np.ndarray:
