@@ -61,11 +61,11 @@ import json
 import os
 import sys
 import time
-import warnings
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import numpy as np  # noqa: E402
+from runner_common import record, repeat  # noqa: E402
 
 PY4DSTEM_SETTINGS = {
     "defaults": {"vectorized_com_calculation": False, "rotation_angles_deg": None},
@@ -186,25 +186,14 @@ def main(argv=None):
     os.makedirs(args.output, exist_ok=True)
     result = {"numpy": np.__version__, "python": sys.version.split()[0], "patterns": int(data.shape[0] * data.shape[1]),
               "settings": {}}
-    pristine = data.copy()
     for setting in settings:
         if setting not in known:
             raise SystemExit(f"unknown {args.tool} setting {setting!r}; known: {sorted(known)}")
-        runs = []
-        for _ in range(max(1, args.repeats)):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                maps, times, info, version = run(data, meta, setting, args.given)
-            runs.append(times)
-            if not np.array_equal(data, pristine):
-                raise RuntimeError("the pipeline wrote into the input array; repeats would not be identical")
-            print(f"{setting}: " + ", ".join(f"{k} {v:.3f} s" for k, v in times.items()), file=sys.stderr, flush=True)
+        (maps, _, info, version), runs, medians = repeat(lambda: run(data, meta, setting, args.given), data,
+                                                         setting, args.repeats)
         result["version"] = version
         np.savez(os.path.join(args.output, f"{setting}.npz"), **maps)
-        medians = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
-        result["settings"][setting] = {"info": info, "timings": runs, "median": medians}
-        with open(os.path.join(args.output, "result.json"), "w") as f:
-            json.dump(result, f, indent=1)
+        record(result, args.output, setting, info, runs, medians)
 
 
 if __name__ == "__main__":

@@ -87,17 +87,15 @@ settings, per-stage timings of every repeat and their medians.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
 import sys
 import time
-import warnings
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import numpy as np  # noqa: E402
+from runner_common import record, repeat  # noqa: E402
 
 SETTINGS = {
     # name: find_Bragg_disks arguments that differ between settings
@@ -284,26 +282,16 @@ def main(argv=None):
 
     result = {"py4DSTEM": py4DSTEM.__version__, "numpy": np.__version__, "python": sys.version.split()[0],
               "patterns": int(data.shape[0] * data.shape[1]), "settings": {}}
-    pristine = data.copy()
     for setting in args.settings:
-        runs = []
-        for _ in range(max(1, args.repeats)):
-            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-                warnings.simplefilter("ignore")
-                maps, times, info = run_once(data, vacuum, reference, setting, args.edge_boundary, args.kernel_outer)
-            runs.append(times)
-            if not np.array_equal(data, pristine):
-                raise RuntimeError("the pipeline wrote into the input array; repeats would not be identical")
-            print(f"{setting}: " + ", ".join(f"{k} {v:.3f} s" for k, v in times.items()), file=sys.stderr, flush=True)
+        (maps, _, info), runs, medians = repeat(
+            lambda: run_once(data, vacuum, reference, setting, args.edge_boundary, args.kernel_outer), data, setting,
+            args.repeats, quiet_stdout=True)
         np.savez(os.path.join(args.output, f"{setting}.npz"), **maps)
         # for the validation table only: the first-order reading (exx = e_yy, eyy = e_xx, exy = e_xy, theta = -theta)
         np.savez(os.path.join(args.output, f"{setting}_first_order.npz"),
                  **{name: np.where(maps["p4_mask"], sign * maps[source], np.nan) for name, source, sign in
                     (("exx", "p4_e_yy", 1), ("eyy", "p4_e_xx", 1), ("exy", "p4_e_xy", 1), ("theta", "p4_theta", -1))})
-        medians = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
-        result["settings"][setting] = {"info": info, "timings": runs, "median": medians}
-        with open(os.path.join(args.output, "result.json"), "w") as f:
-            json.dump(result, f, indent=1)
+        record(result, args.output, setting, info, runs, medians)
 
 
 if __name__ == "__main__":

@@ -54,11 +54,11 @@ import json
 import os
 import sys
 import time
-import warnings
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import numpy as np  # noqa: E402
+from runner_common import record, repeat  # noqa: E402
 
 THRESHOLD = 0.3  # template-match (normalised cross-correlation) floor for a peak
 SETTINGS = {
@@ -199,24 +199,13 @@ def main(argv=None):
     os.makedirs(args.output, exist_ok=True)
     result = {"pyxem": pyxem.__version__, "numpy": np.__version__, "python": sys.version.split()[0],
               "patterns": int(data.shape[0] * data.shape[1]), "settings": {}}
-    pristine = data.copy()
     for setting in args.settings:
-        runs = []
-        for _ in range(max(1, args.repeats)):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                maps, times, info = run_once(data, reference, float(meta["k_pixel_size"][0]), setting)
-            runs.append(times)
-            if not np.array_equal(data, pristine):
-                raise RuntimeError("the pipeline wrote into the input array; repeats would not be identical")
-            print(f"{setting}: " + ", ".join(f"{k} {v:.3f} s" for k, v in times.items()), file=sys.stderr, flush=True)
+        (maps, _, info), runs, medians = repeat(
+            lambda: run_once(data, reference, float(meta["k_pixel_size"][0]), setting), data, setting, args.repeats)
         np.savez(os.path.join(args.output, f"{setting}.npz"), **maps)
         np.savez(os.path.join(args.output, f"{setting}_raw.npz"),  # validation table only: outputs read as named
                  exx=maps["pyxem_e11"], eyy=maps["pyxem_e22"], exy=maps["pyxem_e12"], theta=maps["pyxem_theta"])
-        medians = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
-        result["settings"][setting] = {"info": info, "timings": runs, "median": medians}
-        with open(os.path.join(args.output, "result.json"), "w") as f:
-            json.dump(result, f, indent=1)
+        record(result, args.output, setting, info, runs, medians)
 
 
 if __name__ == "__main__":
