@@ -480,6 +480,16 @@ def _render_disks(out, centres, weights, radius, k_pixel_size, edge_width) -> No
         out[patterns, rr[:, :, None], cc[:, None, :]] += weights[:, disk, None, None] * profile
 
 
+def _poisson_counts(data, dose, random_state) -> None:
+    """Turn ``data`` (float32 patterns per incident electron, scan rows first) into Poisson counts for ``dose``
+    electrons per pattern, in place; nothing when ``dose`` is None (noise-free)."""
+    if dose is not None:
+        data *= np.float32(dose)
+        rng = np.random.default_rng(random_state)
+        for row in data:  # row by row keeps the int64 draws small
+            row[...] = rng.poisson(row)
+
+
 def _positive(name, value, unit):
     if not np.isfinite(value) or value <= 0:
         raise ValueError(f"{name}={value!r}{unit}; expected a positive number.")
@@ -854,11 +864,7 @@ def simulate_4dstem(
         thickness=thickness,
     )
     data = patterns.reshape(scan_shape + detector_shape)
-    if dose is not None:
-        data *= np.float32(dose)
-        rng = np.random.default_rng(random_state)
-        for row in data:  # row by row keeps the int64 draws small
-            row[...] = rng.poisson(row)
+    _poisson_counts(data, dose, random_state)
 
     axes = [dict(name=name, size=n, scale=scan_step, offset=0.0, units="nm", navigate=True)
             for name, n in zip(("y", "x"), scan_shape)]

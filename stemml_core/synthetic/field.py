@@ -43,7 +43,7 @@ from scipy.special import erfc
 
 from stemml_core._frozen import ReadOnlyArrays
 from stemml_core.electrons import electron_wavelength, interaction_constant
-from stemml_core.synthetic.diffraction import LATTICE_CONSTANTS, _positive, _shape
+from stemml_core.synthetic.diffraction import LATTICE_CONSTANTS, _poisson_counts, _positive, _shape
 
 __all__ = [
     "FieldTruth",
@@ -336,11 +336,7 @@ def simulate_field_4dstem(
         potential_avg[block] = (intensity * v_grid[r, c]).sum(axis=(1, 2))
 
     data = patterns.reshape(scan_shape + detector_shape)
-    if dose is not None:
-        data *= np.float32(dose)
-        rng = np.random.default_rng(random_state)
-        for row in data:  # row by row keeps the int64 draws small
-            row[...] = rng.poisson(row)
+    _poisson_counts(data, dose, random_state)
     axes = [dict(name=name, size=size, scale=float(scan_step), offset=0.0, units="nm", navigate=True)
             for name, size in zip(("y", "x"), scan_shape)]
     axes += [dict(name=name, size=size, scale=float(k_pixel_size), offset=-(size // 2) * float(k_pixel_size),
